@@ -1,0 +1,122 @@
+"""The training config: one frozen dataclass per concern, composed in ``Config``.
+
+Loaded with ``elmjax.config_io.load(Config, path, overrides)``; the resolved
+config is written to every run directory as ``config.yaml``. Pure Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from elmjax.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # 'stdlib': the running Python's standard library sources (no download).
+    source: Literal["stdlib", "text", "jsonl", "parquet", "arrayrecord"] = "stdlib"
+    paths: tuple[str, ...] = ()  # files or globs for text/jsonl/parquet/arrayrecord
+    text_field: str = "text"  # field holding the document in jsonl/parquet
+    tokenizer: str = "byte"  # 'byte' | 'sentencepiece:PATH' | 'hf:PATH' (tokenizer.json)
+    seq_len: int = 128  # tokens per training sequence
+    batch_size: int = 8  # global sequences per optimizer step
+    seed: int = 0  # shuffle seed: same seed => same batches whatever the model
+    val_fraction: float = 0.05  # fraction of documents (files for stdlib) held out
+    val_sequences: int = 32  # fixed number of held-out sequences for evaluation
+    max_documents: int | None = None  # cap on documents read (quick experiments)
+
+    def __post_init__(self):
+        if self.seq_len < 2 or self.batch_size < 1 or self.val_sequences < 1:
+            raise ValueError("seq_len must be >= 2, batch_size and val_sequences >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.source != "stdlib" and not self.paths:
+            raise ValueError(f"data.source '{self.source}' needs data.paths")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-3  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices and embeddings, never on norm weights
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of peak
+    clip_norm: float = 1.0  # global gradient norm; <= 0 disables
+    z_loss: float = 0.0  # weight of log(Z)^2 auxiliary loss
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; or give 'tokens'
+    tokens: int | None = None  # training tokens; steps = ceil(tokens / (batch * seq_len))
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
+    seed: int = 0  # parameter init seed
+    log_every: int = 10
+    eval_every: int = 100  # and always at the end
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of train.steps or train.tokens")
+        if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < 1):
+            raise ValueError("train.steps / train.tokens must be >= 1")
+        if self.grad_accum < 1 or self.log_every < 1 or self.eval_every < 1:
+            raise ValueError("grad_accum, log_every and eval_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 100  # steps between saves (also at the end and on SIGTERM/SIGINT)
+    keep: int = 2  # most recent checkpoints kept
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Device mesh axis sizes; one -1 takes the remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    run_dir: str = "runs/default"
+    name: str = ""
+    # Persistent XLA compilation cache; '' disables it.
+    compilation_cache: str = "~/.cache/elmjax/xla"
+
+    def __post_init__(self):
+        if self.data.batch_size % self.train.grad_accum:
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})"
+            )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return max(1, math.ceil(self.train.tokens / self.tokens_per_step))
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
