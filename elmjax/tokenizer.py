@@ -1,0 +1,169 @@
+"""Tokenizers behind one small interface: byte-level, SentencePiece, Hugging Face.
+
+``load_tokenizer(spec)`` takes the ``data.tokenizer`` string:
+
+- ``'byte'`` (default, no files): ids 0..255 are the UTF-8 bytes, 256 = EOS,
+  257 = BOS, 258 = PAD; vocab_size 259 (the default ``ModelConfig.vocab_size``).
+- ``'sentencepiece:PATH'``: a SentencePiece ``.model`` file.
+- ``'hf:PATH'``: a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library).
+
+The two file-backed kinds import their library lazily, so the default install
+(and everything that only uses bytes) never needs them; they come with the
+``tokenizers`` extra: ``pip install 'elmjax[tokenizers]'``.
+
+Every tokenizer has ``vocab_size``, ``eos_id``, ``encode(str) -> list[int]``,
+``decode(ids) -> str`` and ``encode_many(texts) -> list[np.ndarray]`` (int32),
+the batched form the data pipeline uses because it is much faster.
+Pure numpy: importing this module never imports JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+EXTRA_HINT = "pip install 'elmjax[tokenizers]'"
+KINDS = ("byte", "sentencepiece:PATH", "hf:PATH")
+# Special-token spellings tried, in order, when a tokenizer.json names no EOS.
+_HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[EOS]", "<|im_end|>")
+
+
+class Tokenizer(Protocol):
+    spec: str
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids; specials above 255. Encoding is a numpy view, no Python loop."""
+
+    spec = "byte"
+    vocab_size = 259
+    eos_id = 256
+    bos_id = 257
+    pad_id = 258
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode_array(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(f"byte tokenizer: ids must be in [0, {self.vocab_size}), got {arr.min()}..{arr.max()}")
+        # Special tokens carry no text; invalid UTF-8 (a sequence cut mid-character) is shown as U+FFFD.
+        return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path, spec: str):
+        spm = _import("sentencepiece", spec)
+        self.spec = spec
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())
+        if self.eos_id < 0:
+            raise ValueError(
+                f"tokenizer '{spec}': the SentencePiece model has no EOS piece (eos_id=-1); "
+                "packing needs one to separate documents: train it with eos_id >= 0"
+            )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    def __init__(self, path: Path, spec: str):
+        tokenizers = _import("tokenizers", spec)
+        self.spec = spec
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust error says what is wrong in the JSON
+            raise ValueError(f"tokenizer '{spec}': cannot read {path} as a tokenizer.json: {e}") from e
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        # Ids can be sparse; the embedding table must cover the largest one.
+        self.vocab_size = max(vocab.values()) + 1
+        self.eos_id = _hf_eos_id(path, vocab, spec)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _hf_eos_id(path: Path, vocab: dict[str, int], spec: str) -> int:
+    """EOS from a sibling tokenizer_config.json if there is one, else a well-known spelling."""
+    config = path.parent / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            eos = json.loads(config.read_text()).get("eos_token")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
+        if isinstance(eos, dict):  # serialised AddedToken
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos in vocab:
+            return vocab[eos]
+    for token in _HF_EOS_CANDIDATES:
+        if token in vocab:
+            return vocab[token]
+    raise ValueError(
+        f"tokenizer '{spec}': found no end-of-text token (tried eos_token in {config.name} and "
+        f"{', '.join(_HF_EOS_CANDIDATES)}); packing needs one to separate documents: add one as a special token"
+    )
+
+
+def _import(module: str, spec: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"tokenizer '{spec}' needs the '{module}' library, which is not installed: {EXTRA_HINT}"
+        ) from e
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer named by ``spec`` ('byte', 'sentencepiece:PATH' or 'hf:PATH')."""
+    if spec == "byte":
+        return ByteTokenizer()
+    kind, sep, raw_path = spec.partition(":")
+    classes = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
+    if not sep or kind not in classes:
+        raise ValueError(f"unknown tokenizer '{spec}': expected one of {', '.join(KINDS)}")
+    if not raw_path:
+        raise ValueError(f"tokenizer '{spec}': missing the file path after '{kind}:'")
+    path = Path(raw_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer '{spec}': file not found: {path}")
+    return classes[kind](path, spec)
+
+
+def tokenizer_file(spec: str) -> Path | None:
+    """The file behind a spec (None for 'byte'); lets caches notice when it changes."""
+    kind, sep, raw_path = spec.partition(":")
+    return Path(raw_path).expanduser() if sep and raw_path else None
