@@ -396,3 +396,16 @@ def test_hf_tokenizer_pipeline_uses_its_eos_and_vocab(corpus, tmp_path):
     assert batch.max() < vocab and (batch == eos).any()
     v = data.validation_set(cfg)
     assert v.bytes_per_token > 1.2  # BPE tokens stand for several bytes each
+
+
+def test_tokenizing_and_validation_do_not_import_jax():
+    # grain imports JAX, so it must only be imported when a training iterator is built.
+    code = (
+        "import sys; from elmjax import data; from elmjax.config import DataConfig; "
+        "v = data.validation_set(DataConfig(seq_len=16, val_sequences=2, max_documents=200)); "
+        "assert v.tokens.shape == (2, 17); "
+        "print(sorted(m for m in ('jax', 'grain') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
