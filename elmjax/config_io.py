@@ -92,6 +92,12 @@ def _coerce(value: Any, tp: Any, source: str | None, path: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{_where(source, path)}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        # PyYAML reads '1e-3' (no dot) as a string; accept numeric strings.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{_where(source, path)}: expected an integer, got {value!r}")
@@ -115,7 +121,8 @@ def _type_name(tp: Any) -> str:
         return "a list"
     if origin is typing.Literal:
         return "one of " + "/".join(map(str, typing.get_args(tp)))
-    return getattr(tp, "__name__", str(tp))
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def from_dict(cls: type, data: Any, *, source: str | None = None, path: str = ""):

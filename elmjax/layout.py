@@ -153,6 +153,13 @@ def load_model_config(spec: str, overrides=()) -> ModelConfig:
     if spec in PRESETS:
         data = config_io.to_dict(preset(spec))
         return config_io.load(ModelConfig, None, overrides, data=data)
+    from pathlib import Path
+
+    if not Path(spec).exists():
+        raise config_io.ConfigError(
+            f"{spec}: neither a preset nor an existing YAML file{config_io.suggest(spec, PRESETS)}; "
+            f"presets: {', '.join(PRESETS)}"
+        )
     raw = config_io.load_yaml(spec)
     if "model" in raw and isinstance(raw["model"], dict):
         raw = raw["model"]

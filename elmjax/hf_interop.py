@@ -1,0 +1,303 @@
+"""Load and save OpenELM checkpoints in the layout Apple published on the Hub.
+
+A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or
+shards listed in ``model.safetensors.index.json``). PyTorch ``Linear``
+weights are [out, in]; the fused QKV weight's rows are all query heads, then
+key heads, then value heads; ``ffn.proj_1``'s rows are the SiLU gate, then the
+linear branch. Nothing here downloads: ``path`` is a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from elmjax.config_io import atomic_write_text, to_dict
+from elmjax.layout import layer_layout
+from elmjax.model import OpenELM
+from elmjax.model_config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the OpenELM layout; the message names the key."""
+
+
+_REQUIRED = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size")
+
+
+# ----------------------------------------------------------------- config.json
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig from an OpenELM ``config.json`` mapping."""
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise CheckpointError(f"{source}: missing key(s) {missing}; not an OpenELM config")
+    if "elmjax" in hf:
+        # Written by save_pretrained: restores schedules exactly.
+        from elmjax.config_io import from_dict
+
+        return from_dict(ModelConfig, hf["elmjax"], source=f"{source}: elmjax")
+    n, d, e = hf["num_transformer_layers"], hf["model_dim"], hf["head_dim"]
+    qkv = hf.get("qkv_multipliers", (0.5, 1.0))
+    if "num_query_heads" in hf:
+        # Per-layer head counts are authoritative; express them as explicit
+        # multipliers, which make_divisible maps back to the same counts.
+        qkv = tuple(q * e / d for q in hf["num_query_heads"])
+    ffn = hf.get("ffn_multipliers", (0.5, 4.0))
+    cfg = ModelConfig(
+        num_layers=n,
+        model_dim=d,
+        head_dim=e,
+        num_gqa_groups=hf["num_gqa_groups"],
+        qkv_multipliers=qkv if not isinstance(qkv, list) else tuple(qkv),
+        ffn_multipliers=tuple(ffn) if isinstance(ffn, list) else ffn,
+        ffn_dim_divisor=hf.get("ffn_dim_divisor", 256),
+        ffn_with_glu=hf.get("ffn_with_glu", True),
+        normalize_qk=hf.get("normalize_qk_projections", False),
+        tie_embeddings=hf.get("share_input_output_layers", False),
+        rope_theta=float(hf.get("rope_freq_constant", 10000)),
+        max_context_length=hf.get("max_context_length", 2048),
+        vocab_size=hf["vocab_size"],
+    )
+    _check_heads(cfg, hf, source)
+    return cfg
+
+
+def _check_heads(cfg: ModelConfig, hf: dict, source: str) -> None:
+    lay = layer_layout(cfg)
+    for key, got in (("num_query_heads", [x.q_heads for x in lay]), ("num_kv_heads", [x.kv_heads for x in lay])):
+        if key in hf and list(hf[key]) != got:
+            raise CheckpointError(f"{source}: {key} {list(hf[key])} disagrees with the derived layout {got}")
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
+    lay = layer_layout(cfg)
+    from elmjax.layout import layer_multipliers
+
+    qkv = cfg.qkv_multipliers
+    return {
+        "architectures": ["OpenELMForCausalLM"],
+        "model_type": "openelm",
+        "num_transformer_layers": cfg.num_layers,
+        "model_dim": cfg.model_dim,
+        "head_dim": cfg.head_dim,
+        "num_gqa_groups": cfg.num_gqa_groups,
+        "qkv_multipliers": list(qkv) if isinstance(qkv, tuple) else qkv,
+        "num_query_heads": [x.q_heads for x in lay],
+        "num_kv_heads": [x.kv_heads for x in lay],
+        "ffn_multipliers": list(layer_multipliers(cfg.ffn_multipliers, cfg.ffn_schedule, cfg.num_layers)),
+        "ffn_dim_divisor": cfg.ffn_dim_divisor,
+        "ffn_with_glu": cfg.ffn_with_glu,
+        "normalize_qk_projections": cfg.normalize_qk,
+        "share_input_output_layers": cfg.tie_embeddings,
+        "rope_freq_constant": cfg.rope_theta,
+        "rope_max_length": max(4096, cfg.max_context_length),
+        "max_context_length": cfg.max_context_length,
+        "vocab_size": cfg.vocab_size,
+        "activation_fn_name": "swish",
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": torch_dtype,
+        "elmjax": to_dict(cfg),
+    }
+
+
+# --------------------------------------------------------------- weight names
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the released layout with its [out, in] shape."""
+    d, e = cfg.model_dim, cfg.head_dim
+    shapes = {"transformer.token_embeddings.weight": (cfg.vocab_size, d), "transformer.norm.weight": (d,)}
+    for i, lay in enumerate(layer_layout(cfg)):
+        p = f"transformer.layers.{i}."
+        shapes[p + "attn.qkv_proj.weight"] = ((lay.q_heads + 2 * lay.kv_heads) * e, d)
+        shapes[p + "attn.out_proj.weight"] = (d, lay.q_heads * e)
+        if cfg.normalize_qk:
+            shapes[p + "attn.q_norm.weight"] = (e,)
+            shapes[p + "attn.k_norm.weight"] = (e,)
+        shapes[p + "ffn.proj_1.weight"] = ((2 if cfg.ffn_with_glu else 1) * lay.ffn_dim, d)
+        shapes[p + "ffn.proj_2.weight"] = (d, lay.ffn_dim)
+        shapes[p + "attn_norm.weight"] = (d,)
+        shapes[p + "ffn_norm.weight"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def _layer_to_hf(layer: dict, cfg: ModelConfig, prefix: str) -> dict[str, np.ndarray]:
+    d = cfg.model_dim
+    qkv_DTE = layer["attn"]["qkv_DTE"]
+    out_HED = layer["attn"]["out_HED"]
+    in_DPF = layer["ffn"]["in_DPF"]
+    t = {
+        prefix + "attn.qkv_proj.weight": qkv_DTE.reshape(d, -1).T,
+        prefix + "attn.out_proj.weight": out_HED.reshape(-1, d).T,
+        prefix + "ffn.proj_1.weight": in_DPF.reshape(d, -1).T,
+        prefix + "ffn.proj_2.weight": layer["ffn"]["out_FD"].T,
+        prefix + "attn_norm.weight": layer["attn_norm"]["weight"],
+        prefix + "ffn_norm.weight": layer["ffn_norm"]["weight"],
+    }
+    if cfg.normalize_qk:
+        t[prefix + "attn.q_norm.weight"] = layer["attn"]["q_norm"]["weight"]
+        t[prefix + "attn.k_norm.weight"] = layer["attn"]["k_norm"]["weight"]
+    return t
+
+
+def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """Pure-dict NNX params -> Hub tensor names ([out, in] weights)."""
+    params = jax.tree.map(np.asarray, params)
+    out = {
+        "transformer.token_embeddings.weight": params["embed_VD"],
+        "transformer.norm.weight": params["norm"]["weight"],
+    }
+    for i in range(cfg.num_layers):
+        out.update(_layer_to_hf(params["layers"][i], cfg, f"transformer.layers.{i}."))
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = params["head_DV"].T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def params_from_hf(cfg: ModelConfig, t: dict[str, np.ndarray]) -> dict:
+    """Hub tensors (already shape-checked) -> pure-dict NNX params in float32."""
+    t = {k: np.asarray(v, dtype=np.float32) for k, v in t.items()}
+    d, e = cfg.model_dim, cfg.head_dim
+    layers = {}
+    for i, lay in enumerate(layer_layout(cfg)):
+        p = f"transformer.layers.{i}."
+        attn = {
+            "qkv_DTE": t[p + "attn.qkv_proj.weight"].T.reshape(d, lay.q_heads + 2 * lay.kv_heads, e),
+            "out_HED": t[p + "attn.out_proj.weight"].T.reshape(lay.q_heads, e, d),
+        }
+        if cfg.normalize_qk:
+            attn["q_norm"] = {"weight": t[p + "attn.q_norm.weight"]}
+            attn["k_norm"] = {"weight": t[p + "attn.k_norm.weight"]}
+        layers[i] = {
+            "attn": attn,
+            "attn_norm": {"weight": t[p + "attn_norm.weight"]},
+            "ffn": {
+                "in_DPF": t[p + "ffn.proj_1.weight"].T.reshape(d, -1, lay.ffn_dim),
+                "out_FD": t[p + "ffn.proj_2.weight"].T,
+            },
+            "ffn_norm": {"weight": t[p + "ffn_norm.weight"]},
+        }
+    params = {"embed_VD": t["transformer.token_embeddings.weight"], "layers": layers, "norm": {"weight": t["transformer.norm.weight"]}}
+    if not cfg.tie_embeddings:
+        params["head_DV"] = t["lm_head.weight"].T
+    return params
+
+
+# ------------------------------------------------------------------ file I/O
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: missing 'weight_map'")
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = [path / "model.safetensors"]
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{f}: weight file missing")
+    return files
+
+
+def read_tensors(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Read and shape-check every tensor the config needs."""
+    expected = expected_hf_shapes(cfg)
+    tensors: dict[str, np.ndarray] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="numpy") as fh:
+            for key in fh.keys():
+                if key not in expected:
+                    raise CheckpointError(f"{f.name}: unexpected tensor '{key}' (unknown layout for this config)")
+                shape = tuple(fh.get_slice(key).get_shape())
+                if shape != expected[key]:
+                    raise CheckpointError(f"{f.name}: '{key}' has shape {shape}, the config expects {expected[key]}")
+                tensors[key] = fh.get_tensor(key)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return tensors
+
+
+def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> OpenELM:
+    """An OpenELM model from a local Hub-layout directory.
+
+    Parameters are float32 whatever the file's dtype; ``dtype`` is the compute
+    dtype ('float32' or 'bfloat16')."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{cfg_file}: no such file")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    cfg = config_from_hf(hf, str(cfg_file)).replace(dtype=dtype)
+    params = params_from_hf(cfg, read_tensors(path, cfg))
+    abstract = nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "float32",
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``model`` in the Hub layout. Files appear only when complete."""
+    import ml_dtypes
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    cfg = model.cfg
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    tensors = {k: v.astype(np_dtype) for k, v in params_to_hf(cfg, params).items()}
+    shards = _split_shards(tensors, max_shard_bytes)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save_pretrained.", dir=path))
+    try:
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+        ]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+                "weight_map": {k: n for n, s in zip(names, shards) for k in s},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+        atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype), indent=1) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        if shards[-1] and size + v.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    return shards

@@ -1,0 +1,214 @@
+"""OpenELM decoder in Flax NNX: architecture only.
+
+No mesh names, I/O, optimizer or logging here. Every parameter carries
+``logical_axes`` metadata; ``elmjax.sharding`` maps those names to mesh axes.
+
+Dimension glossary (suffixes on array names):
+  B batch            L query length       S key/value length
+  D model_dim        H query heads        K key/value heads
+  G = H // K         E head_dim           F FFN width
+  V vocab            T = H + 2K fused qkv heads
+
+Computation matches Apple's released ``modeling_openelm.py``: pre-RMSNorm
+blocks, one fused QKV projection ordered [queries, keys, values], RMSNorm over
+head_dim on q and k (before RoPE), rotate-half RoPE, GQA where kv head j
+serves query heads j*G .. j*G+G-1, SwiGLU whose fused projection holds the
+gate first, final RMSNorm and an output head tied to the embedding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elmjax.layout import LayerLayout, layer_layout
+from elmjax.model_config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    """One layer's cache, preallocated to the maximum length S."""
+
+    k_BSKE: jax.Array
+    v_BSKE: jax.Array
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str | None, ...]) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str | None):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32 whatever the compute dtype: bf16 sums of
+        # squares lose too much precision over thousands of channels.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...]).astype(x.dtype)
+
+
+def rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half rotary embedding over the full head dim, computed in float32."""
+    head_dim = x_BLHE.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BLe = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    angles_BLE = jnp.concatenate([angles_BLe, angles_BLe], axis=-1)[:, :, None, :]
+    x32 = x_BLHE.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles_BLE) + rotated * jnp.sin(angles_BLE)).astype(x_BLHE.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+        D, E = cfg.model_dim, cfg.head_dim
+        self.num_q, self.num_kv = layout.q_heads, layout.kv_heads
+        self.head_dim, self.theta = E, cfg.rope_theta
+        T = self.num_q + 2 * self.num_kv
+        self.qkv_DTE = _param(rngs, (D, T, E), D**-0.5, ("embed", "qkv_heads", "head_dim"))
+        out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
+        self.out_HED = _param(rngs, (self.num_q, E, D), out_std, ("q_heads", "head_dim", "embed"))
+        if cfg.normalize_qk:
+            self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
+            self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project(self, x_BLD: jax.Array, positions_BL: jax.Array):
+        """Queries, keys and values after QK-norm and RoPE."""
+        qkv_BLTE = jnp.einsum("bld,dte->blte", x_BLD, self.qkv_DTE[...].astype(x_BLD.dtype))
+        q_BLHE = qkv_BLTE[:, :, : self.num_q]
+        k_BLKE = qkv_BLTE[:, :, self.num_q : self.num_q + self.num_kv]
+        v_BLKE = qkv_BLTE[:, :, self.num_q + self.num_kv :]
+        if self.q_norm is not None:
+            q_BLHE, k_BLKE = self.q_norm(q_BLHE), self.k_norm(k_BLKE)
+        q_BLHE = rope(q_BLHE, positions_BL, self.theta)
+        k_BLKE = rope(k_BLKE, positions_BL, self.theta)
+        return q_BLHE, k_BLKE, v_BLKE
+
+    def output(self, attn_BLHE: jax.Array) -> jax.Array:
+        return jnp.einsum("blhe,hed->bld", attn_BLHE, self.out_HED[...].astype(attn_BLHE.dtype))
+
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+        q, k, v = self.project(x_BLD, positions_BL)
+        # jax.nn.dot_product_attention groups query head h with kv head
+        # h // G, which is OpenELM's repeat_interleave order; it dispatches to
+        # fused kernels (cuDNN) on GPU.
+        attn_BLHE = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        return self.output(attn_BLHE)
+
+    def attend_cached(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
+        """Attention for decoding: write this step's keys/values into ``cache``
+        at ``positions_BL`` and attend over the slots ``mask_BLS`` allows."""
+        q, k, v = self.project(x_BLD, positions_BL)
+        rows_B1 = jnp.arange(x_BLD.shape[0])[:, None]
+        k_cache = cache.k_BSKE.at[rows_B1, positions_BL].set(k.astype(cache.k_BSKE.dtype))
+        v_cache = cache.v_BSKE.at[rows_B1, positions_BL].set(v.astype(cache.v_BSKE.dtype))
+        attn_BLHE = jax.nn.dot_product_attention(
+            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask_BLS[:, None], scale=self.head_dim**-0.5
+        )
+        return self.output(attn_BLHE), KVCache(k_cache, v_cache)
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+        D, F = cfg.model_dim, layout.ffn_dim
+        self.glu = cfg.ffn_with_glu
+        # Fused SwiGLU input projection: index 0 of the middle axis is the
+        # SiLU gate, index 1 the linear branch (OpenELM's chunk(2) order).
+        parts = 2 if self.glu else 1
+        self.in_DPF = _param(rngs, (D, parts, F), D**-0.5, ("embed", None, "mlp"))
+        out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
+        self.out_FD = _param(rngs, (F, D), out_std, ("mlp", "embed"))
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        h_BLPF = jnp.einsum("bld,dpf->blpf", x_BLD, self.in_DPF[...].astype(x_BLD.dtype))
+        if self.glu:
+            h_BLF = jax.nn.silu(h_BLPF[:, :, 0]) * h_BLPF[:, :, 1]
+        else:
+            h_BLF = jax.nn.silu(h_BLPF[:, :, 0])
+        return jnp.einsum("blf,fd->bld", h_BLF, self.out_FD[...].astype(h_BLF.dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
+        self.attn = Attention(cfg, layout, rngs)
+        self.ffn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
+        self.ffn = FeedForward(cfg, layout, rngs)
+
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+        return x_BLD + self.ffn(self.ffn_norm(x_BLD))
+
+    def decode(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
+        attn_BLD, cache = self.attn.attend_cached(self.attn_norm(x_BLD), positions_BL, cache, mask_BLS)
+        x_BLD = x_BLD + attn_BLD
+        return x_BLD + self.ffn(self.ffn_norm(x_BLD)), cache
+
+
+def _run_layer(layer: DecoderLayer, x_BLD, positions_BL):
+    return layer(x_BLD, positions_BL)
+
+
+# Rematerialise each decoder layer: activations are recomputed in the backward
+# pass instead of stored, trading ~1/3 more FLOPs for O(1) layers of memory.
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class OpenELM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        D, V = cfg.model_dim, cfg.vocab_size
+        self.embed_VD = _param(rngs, (V, D), D**-0.5, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(cfg, lay, rngs) for lay in layer_layout(cfg)])
+        self.norm = RMSNorm(D, cfg.norm_eps, "embed")
+        self.head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), D**-0.5, ("embed", "vocab"))
+
+    def embed(self, tokens_BL: jax.Array) -> jax.Array:
+        return self.embed_VD[...].astype(self.dtype)[tokens_BL]
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        x_BLD = self.norm(x_BLD)
+        # Logits accumulate and stay in float32 for a stable softmax / loss.
+        if self.head_DV is None:
+            return jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, L, V] for token ids [B, L] (causal)."""
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        x_BLD = self.embed(tokens_BL)
+        run = _run_layer_remat if self.cfg.remat else _run_layer
+        for layer in self.layers:
+            x_BLD = run(layer, x_BLD, positions_BL)
+        return self.logits(x_BLD)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
+        """Zeroed per-layer caches; each layer has its own kv head count."""
+        dtype = dtype or self.dtype
+        return [
+            KVCache(
+                jnp.zeros((batch, max_len, layer.attn.num_kv, layer.attn.head_dim), dtype),
+                jnp.zeros((batch, max_len, layer.attn.num_kv, layer.attn.head_dim), dtype),
+            )
+            for layer in self.layers
+        ]
+
+    def decode(self, tokens_BL, positions_BL, caches: list[KVCache], mask_BLS):
+        """Logits for new tokens at ``positions_BL`` given per-layer caches;
+        ``mask_BLS`` says which cache slots each new token may attend to."""
+        x_BLD = self.embed(tokens_BL)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            x_BLD, cache = layer.decode(x_BLD, positions_BL, cache, mask_BLS)
+            new_caches.append(cache)
+        return self.logits(x_BLD), new_caches

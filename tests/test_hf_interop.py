@@ -1,0 +1,142 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from elmjax.hf_interop import CheckpointError, config_to_hf, expected_hf_shapes, from_pretrained, save_pretrained
+from elmjax.model import OpenELM
+from elmjax.model_config import ModelConfig
+
+import openelm_reference
+
+CFG = ModelConfig(num_layers=3, model_dim=64, head_dim=16, num_gqa_groups=2, qkv_multipliers=(0.5, 1.0),
+                  ffn_multipliers=(0.5, 2.0), ffn_dim_divisor=16, vocab_size=101)
+apply = nnx.jit(lambda model, tokens: model(tokens))
+
+
+def released_style_checkpoint(path, cfg=CFG, seed=0, dtype=np.float32):
+    """A random checkpoint written the way Apple's files are: Hub names, [out, in]
+    weights, per-layer head lists, and no elmjax-specific config fields."""
+    rng = np.random.default_rng(seed)
+    tensors = {k: (rng.standard_normal(s) * (0.2 if len(s) > 1 else 0.1) + (1.0 if len(s) == 1 else 0.0)).astype(dtype)
+               for k, s in expected_hf_shapes(cfg).items()}
+    hf = config_to_hf(cfg, "float32")
+    del hf["elmjax"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf))
+    save_file(tensors, str(path / "model.safetensors"))
+    return hf, tensors
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(tie_embeddings=False, num_gqa_groups=1, qkv_multipliers=1.0)])
+def test_logits_match_independent_reference(tmp_path, cfg):
+    hf, tensors = released_style_checkpoint(tmp_path, cfg)
+    model = from_pretrained(tmp_path)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9))
+    ours = np.asarray(apply(model, jnp.asarray(tokens)))
+    ref = openelm_reference.forward(hf, tensors, tokens)
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4)
+    # The comparison has teeth: a model with the SwiGLU halves swapped differs.
+    wrong = openelm_reference.forward(hf, tensors, tokens, swap_glu=True)
+    assert np.abs(wrong - ref).max() > 100 * np.abs(ours - ref).max()
+
+
+def test_round_trip_is_exact(tmp_path):
+    cfg = CFG.replace(qkv_schedule="middle", ffn_multipliers=[1.0, 3.0, 0.5])
+    model = OpenELM(cfg, rngs=nnx.Rngs(3))
+    save_pretrained(model, tmp_path / "ckpt")
+    back = from_pretrained(tmp_path / "ckpt")
+    assert back.cfg == cfg
+    a = jax.tree.leaves(nnx.state(model, nnx.Param))
+    b = jax.tree.leaves(nnx.state(back, nnx.Param))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # And the files round-trip too: saving the loaded model gives identical tensors.
+    save_pretrained(back, tmp_path / "again")
+    t1, t2 = load_file(str(tmp_path / "ckpt/model.safetensors")), load_file(str(tmp_path / "again/model.safetensors"))
+    assert t1.keys() == t2.keys() == expected_hf_shapes(cfg).keys()
+    for k in t1:
+        np.testing.assert_array_equal(t1[k], t2[k])
+
+
+def test_bfloat16_files_load_as_float32_params(tmp_path):
+    model = OpenELM(CFG, rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path, dtype="bfloat16")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in tensors.values())
+    back = from_pretrained(tmp_path)
+    for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param))):
+        assert y.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), y)
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = OpenELM(CFG, rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "model.safetensors").exists()
+    back = from_pretrained(tmp_path)
+    tokens = jnp.arange(6)[None]
+    np.testing.assert_array_equal(apply(model, tokens), apply(back, tokens))
+
+
+def test_config_from_released_fields_reproduces_head_lists(tmp_path):
+    hf, _ = released_style_checkpoint(tmp_path)
+    model = from_pretrained(tmp_path)
+    from elmjax.layout import layer_layout
+
+    assert [x.q_heads for x in layer_layout(model.cfg)] == hf["num_query_heads"]
+    assert [x.kv_heads for x in layer_layout(model.cfg)] == hf["num_kv_heads"]
+
+
+def test_wrong_shape_names_key_and_both_shapes(tmp_path):
+    released_style_checkpoint(tmp_path)
+    t = load_file(str(tmp_path / "model.safetensors"))
+    t["transformer.layers.1.ffn.proj_2.weight"] = t["transformer.layers.1.ffn.proj_2.weight"][:, :-16].copy()
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"transformer\.layers\.1\.ffn\.proj_2\.weight.*\(64, \d+\).*\(64, \d+\)"):
+        from_pretrained(tmp_path)
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    released_style_checkpoint(tmp_path)
+    t = load_file(str(tmp_path / "model.safetensors"))
+    del t["transformer.layers.2.attn.k_norm.weight"]
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor.*layers.2.attn.k_norm"):
+        from_pretrained(tmp_path)
+    t["transformer.layers.2.attn.k_norm.weight"] = np.ones(16, np.float32)
+    t["transformer.layers.2.attn.bias"] = np.ones(16, np.float32)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'transformer.layers.2.attn.bias'"):
+        from_pretrained(tmp_path)
+
+
+def test_unknown_layout_and_missing_files(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json: no such file"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="missing key.*num_transformer_layers.*not an OpenELM config"):
+        from_pretrained(tmp_path)
+    hf = config_to_hf(CFG, "float32")
+    del hf["elmjax"]
+    hf["num_kv_heads"] = [1, 1, 1]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match=r"num_kv_heads \[1, 1, 1\] disagrees with the derived layout"):
+        from_pretrained(tmp_path)
+    del hf["num_kv_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="model.safetensors: weight file missing"):
+        from_pretrained(tmp_path)
+
+
+def test_save_leaves_no_temporary_files(tmp_path):
+    save_pretrained(OpenELM(CFG, rngs=nnx.Rngs(0)), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
