@@ -222,10 +222,19 @@ def load_model(path: str | Path, dtype: str | None = None):
     return _load(path, dtype=dtype)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions the CLIs report as one 'error:' line (bad paths, files, options)."""
+    from elmjax.checkpoint import CheckpointError
+
+    return (ValueError, OSError, ImportError, CheckpointError)
+
+
 def tokenizer_spec_for(path: str | Path) -> str:
     """The tokenizer a checkpoint was made with: the run's ``data.tokenizer``,
     or a tokenizer.json / tokenizer.model inside a Hugging Face directory."""
     path = Path(path)
+    if path.name == "checkpoints" and not (path / "config.yaml").exists():
+        path = path.parent
     if (path / "config.yaml").is_file():
         from elmjax.config_io import load_yaml
 
@@ -277,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = [tok.encode(p) for p in args.prompt]
         outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stop_tokens=() if args.no_stop else (tok.eos_id,))
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for text, out in zip(args.prompt, outs):
