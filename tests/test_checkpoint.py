@@ -1,0 +1,78 @@
+import logging
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from elmjax.checkpoint import Checkpointer, CheckpointError, load_model
+from elmjax.hf_interop import save_pretrained
+from elmjax.train import _setup, run
+from train_helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck") / "run"
+    cfg = tiny_config(d, "train.steps=10", "train.eval_every=100")
+    run(cfg)
+    return cfg
+
+
+def _corrupt(step_dir):
+    # Truncate every array file of the state item: what a crash mid-write of
+    # a non-atomic filesystem (or a bad disk) leaves behind.
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    assert files
+    for p in files:
+        p.write_bytes(b"\0" * 7)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, finished, caplog):
+    d = tmp_path / "run"
+    shutil.copytree(finished.run_dir, d)
+    cfg = finished.replace(run_dir=str(d))
+    ckpt = Checkpointer(d, cfg.checkpoint)
+    assert ckpt.steps() == [5, 10]
+    _corrupt(d / "checkpoints" / "10")
+    with caplog.at_level(logging.WARNING):
+        session = _setup(cfg, ckpt)
+    ckpt.close()
+    assert session.start_step == 5
+    assert "step 10" in caplog.text and "unreadable" in caplog.text
+    assert int(session.state.step) == 5
+
+
+def test_all_checkpoints_corrupt_is_a_clear_error(tmp_path, finished):
+    d = tmp_path / "run"
+    shutil.copytree(finished.run_dir, d)
+    for step in (5, 10):
+        _corrupt(d / "checkpoints" / str(step))
+    ckpt = Checkpointer(d, finished.checkpoint)
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints \[5, 10\] could be restored"):
+        _setup(finished.replace(run_dir=str(d)), ckpt)
+    ckpt.close()
+
+
+def test_restore_onto_a_different_mesh(finished):
+    ckpt = Checkpointer(finished.run_dir, finished.checkpoint)
+    one = _setup(finished, ckpt)
+    eight = _setup(finished.replace(mesh=finished.mesh.__class__(data=2, fsdp=2, tensor=2)), ckpt)
+    ckpt.close()
+    assert one.start_step == eight.start_step == 10
+    leaves8 = jax.tree.leaves(eight.state.params)
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in leaves8)
+    for a, b in zip(jax.tree.leaves(one.state), jax.tree.leaves(eight.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_model_from_run_dir_and_hf_dir(tmp_path, finished):
+    model = load_model(finished.run_dir)
+    tokens = jax.numpy.arange(12)[None] % 200
+    out = model(tokens)
+    assert out.shape == (1, 12, finished.model.vocab_size)
+    save_pretrained(model, tmp_path / "hf")
+    np.testing.assert_array_equal(load_model(tmp_path / "hf")(tokens), out)
+    with pytest.raises(CheckpointError, match="neither a run directory"):
+        load_model(tmp_path)
