@@ -1,0 +1,202 @@
+"""Run a plan: skip finished runs, resume interrupted ones, isolate failures.
+
+For each run of this driver's share of the plan, in plan order:
+
+* ``done`` or ``diverged`` (a result, not an accident): skipped;
+* ``failed``: skipped unless ``retry_failed``; a retry resumes from the
+  run's last checkpoint;
+* locked by a live driver elsewhere: skipped (that driver trains it);
+* otherwise the run's lock is taken and ``elmjax.train.run`` trains it,
+  resuming from the latest checkpoint if an earlier driver was killed.
+
+A run that raises (including out-of-memory errors) is recorded as
+``failed`` with its error, and the sweep goes on. SIGINT/SIGTERM stop the
+sweep after the trainer has saved a checkpoint (the run goes back to
+``pending``); rerunning the same command picks up where it stopped.
+``results.parquet`` is rebuilt after every run.
+
+Multi-host runs: when ``jax.distributed`` is initialised (see
+``elmjax.distributed``), every process of the slice runs this same driver;
+process 0 alone reads states and holds locks, and broadcasts each decision
+so all processes train the same run together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elmjax import config_io, run_dir as rd
+from sweeps.grid import Grid
+from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, run_lock_path
+from sweeps.plan import PlannedRun, write_plan
+from sweeps.progress import SweepProgress
+from sweeps.results import write_results
+
+GRID_COPY = "grid.yaml"
+_TRAIN, _DONE, _DIVERGED, _FAILED, _LOCKED = range(5)
+_SKIP_REASON = {_DONE: "already done", _DIVERGED: "diverged earlier (a result; delete its directory to redo it)",
+                _FAILED: "failed earlier (rerun with --retry-failed to retry)", _LOCKED: "held by another driver"}
+
+
+@dataclass(frozen=True)
+class Options:
+    retry_failed: bool = False
+    progress: bool = True
+    stale_after_s: float = STALE_AFTER_S
+    heartbeat_s: float = HEARTBEAT_S
+
+
+@dataclass
+class Summary:
+    counts: dict = field(default_factory=dict)  # outcome -> number of runs this driver handled
+
+    def add(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n} {k}" for k, n in self.counts.items()) or "nothing to do"
+
+
+def prepare(grid: Grid, runs: list[PlannedRun], sweep_dir: Path) -> list[PlannedRun]:
+    """Write grid.yaml, plan.json and every run's config.yaml; return the runs with their run_dir set."""
+    sweep_dir = Path(sweep_dir).resolve()
+    copy = sweep_dir / GRID_COPY
+    if copy.exists() and copy.read_text() != grid.text:
+        print(f"note: {copy} differs from {grid.path}; runs whose config changed get new directories "
+              "(old ones stay on disk but leave results.parquet)", file=sys.stderr)
+    config_io.atomic_write_text(copy, grid.text)
+    write_plan(runs, sweep_dir, grid.name)
+    located = []
+    for run in runs:
+        run_dir = sweep_dir / "runs" / run.name
+        # The sweep's own bar replaces the trainer's; progress is not part of a run's identity.
+        cfg = run.config.replace(run_dir=str(run_dir), train=dataclasses.replace(run.config.train, progress=False))
+        if not (run_dir / "config.yaml").exists():
+            config_io.atomic_write_text(run_dir / "config.yaml", config_io.dump_yaml(cfg))
+        located.append(dataclasses.replace(run, config=cfg))
+    return located
+
+
+def _process() -> tuple[int, int]:
+    import jax
+
+    from elmjax.distributed import maybe_initialize
+
+    maybe_initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def _agree(code: int, count: int) -> int:
+    """Process 0's decision, on every process."""
+    if count == 1:
+        return code
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+
+
+def _decide(run: PlannedRun, opts: Options) -> tuple[int, FileLock | None]:
+    run_dir = Path(run.config.run_dir)
+    state = rd.read_status(run_dir)["state"]
+    if state in ("done", "diverged"):
+        return (_DONE if state == "done" else _DIVERGED), None
+    if state == "failed" and not opts.retry_failed:
+        return _FAILED, None
+    lock = FileLock.acquire(run_lock_path(run_dir), stale_after_s=opts.stale_after_s, heartbeat_s=opts.heartbeat_s)
+    if lock is None:
+        return _LOCKED, None
+    again = rd.read_status(run_dir)["state"]  # another driver may have finished it just before we locked
+    if again in ("done", "diverged") or (again == "failed" and state != "failed"):
+        lock.release()
+        return {"done": _DONE, "diverged": _DIVERGED, "failed": _FAILED}[again], None
+    return _TRAIN, lock
+
+
+def _train(run: PlannedRun, progress: SweepProgress, lead: bool) -> tuple[str, str]:
+    """Train one run; (state, detail). Exceptions other than interrupts become 'failed'."""
+    from elmjax import train
+
+    try:
+        result = train.run(run.config, progress_callback=progress.callback)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - one run's failure must not stop the sweep
+        traceback.print_exc()
+        error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        if lead and rd.read_status(run.config.run_dir)["state"] != "failed":
+            rd.write_status(run.config.run_dir, "failed", error=error, total_steps=run.config.total_steps)
+        return "failed", f": {error.splitlines()[0][:300]}"
+    if result.state == "diverged":
+        return "diverged", f": {rd.read_status(result.run_dir).get('error')}"
+    return "done", f": val_loss {result.final['val_loss']:.4f}" if result.final else ""
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()) -> Summary:
+    """Train this driver's runs (already located by ``prepare``); see the module docstring."""
+    index, count = _process()
+    lead = index == 0
+    summary = Summary()
+    if lead:
+        write_results(sweep_dir)
+    progress = SweepProgress(runs, enabled=opts.progress and lead)
+    old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
+    try:
+        for run in runs:
+            code, lock = _decide(run, opts) if lead else (_TRAIN, None)
+            code = _agree(code, count)
+            if code != _TRAIN:
+                summary.add(f"skipped ({_SKIP_REASON[code].split(' (')[0]})")
+                progress.skip(run, _SKIP_REASON[code])
+                continue
+            progress.start(run)
+            try:
+                state, detail = _train(run, progress, lead)
+            finally:
+                if lock is not None:
+                    if lock.lost:
+                        progress.write(f"warning: the lock of {run.name} was broken while it trained "
+                                       f"(heartbeats stalled for over {opts.stale_after_s:.0f} s)")
+                    lock.release()
+                if lead:
+                    write_results(sweep_dir)
+            summary.add(state)
+            progress.finish(run, state, detail)
+    finally:
+        progress.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    return summary
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def write_report(sweep_dir: Path) -> Path | None:
+    """``analysis.report.write_report(sweep_dir)`` if the analysis package can; a clear note if not."""
+    try:
+        from analysis.report import write_report as report
+    except ImportError as e:
+        print(f"note: no report written (analysis.report is not importable: {e}); "
+              f"run `python -m analysis.report {sweep_dir}` once it is", file=sys.stderr)
+        return None
+    try:
+        out = report(sweep_dir)
+    except Exception as e:  # noqa: BLE001 - the results are already safe on disk
+        traceback.print_exc()
+        print(f"note: the report failed ({type(e).__name__}: {e}); the results table is complete; "
+              f"retry with `python -m analysis.report {sweep_dir}`", file=sys.stderr)
+        return None
+    return Path(out) if out is not None else Path(sweep_dir) / "report"

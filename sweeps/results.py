@@ -1,0 +1,109 @@
+"""results.parquet / results.csv: one row per run, rebuilt from the run directories.
+
+The table is never appended to: every rewrite reads ``plan.json`` (the
+planned columns) and every run directory's ``status.json`` / ``final.json``,
+so drivers on different machines (shards) can all rewrite it and the last
+writer always holds everyone's rows. A short sweep-level lock serialises the
+read-and-replace so an older view never lands on top of a newer one; files
+are replaced atomically (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from elmjax import run_dir as rd
+from sweeps.locks import FileLock, holder
+from sweeps.plan import read_plan
+from sweeps.rows import PLAN_COLUMNS, RUN_COLUMNS
+
+PARQUET, CSV = "results.parquet", "results.csv"
+_LOCK = ".results.lock"
+_INT_COLUMNS = ("final_step", "tokens_seen", "seed", "num_layers", "model_dim", "head_dim", "num_gqa_groups",
+                "params", "non_embedding_params", "flops_per_token", "tokens", "seq_len", "batch_size")
+
+
+def run_columns(run_dir: Path) -> dict:
+    """State and final metrics of one run directory (pending if it has not started)."""
+    status = rd.read_status(run_dir)
+    state, error = status.get("state", "pending"), status.get("error")
+    if state == "running" and holder(run_dir) is None:
+        # Killed without a chance to say so: it resumes from its checkpoint when the sweep is rerun.
+        state, error = "pending", "interrupted (no live driver holds its lock); rerun the sweep to resume"
+    final = rd.read_final(run_dir) if state == "done" else None
+    final = final or {}
+    out = {"status": state, "error": error,
+           **{k: final.get(k) for k in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s")},
+           "final_step": final.get("step"), "tokens_seen": final.get("tokens")}
+    for key, value in final.items():  # downstream evaluations, e.g. {"eval": {"hellaswag": {"acc": ...}}}
+        if key == "eval" and isinstance(value, dict):
+            for task, scores in value.items():
+                for name, score in (scores.items() if isinstance(scores, dict) else ()):
+                    out[f"eval.{task}.{name}"] = score
+    return out
+
+
+def build_rows(sweep_dir: str | Path) -> list[dict]:
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for planned in read_plan(sweep_dir):
+        row = dict(planned)
+        row.update(run_columns(sweep_dir / planned["run_dir"]))
+        rows.append(row)
+    return rows
+
+
+def build_table(sweep_dir: str | Path):
+    """The results DataFrame (contract column order: planned, run state, axis.*, eval.*)."""
+    import pandas as pd
+
+    rows = build_rows(sweep_dir)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=list(PLAN_COLUMNS) + list(RUN_COLUMNS))
+    head = [c for c in PLAN_COLUMNS[:3] + RUN_COLUMNS[:2] + PLAN_COLUMNS[3:] + RUN_COLUMNS[2:] if c in df]
+    rest = sorted((c for c in df.columns if c not in head), key=lambda c: (not c.startswith("axis."), c))
+    df = df[head + rest]
+    for col in _INT_COLUMNS:
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    for col in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s"):
+        df[col] = df[col].astype("float64")
+    return df
+
+
+def write_results(sweep_dir: str | Path, wait_s: float = 60.0) -> Path:
+    """Rebuild and atomically replace results.parquet and results.csv; returns the parquet path."""
+    sweep_dir = Path(sweep_dir)
+    deadline = time.time() + wait_s
+    lock = None
+    while lock is None:
+        lock = FileLock.acquire(sweep_dir / _LOCK, stale_after_s=wait_s, heartbeat_s=0)
+        if lock is None:
+            if time.time() > deadline:
+                print(f"warning: {sweep_dir / _LOCK} is held; writing results without it", file=sys.stderr)
+                break
+            time.sleep(0.05)
+    try:
+        df = build_table(sweep_dir)
+        _replace(sweep_dir / PARQUET, lambda p: df.to_parquet(p, index=False))
+        _replace(sweep_dir / CSV, lambda p: df.to_csv(p, index=False))
+    finally:
+        if lock is not None:
+            lock.release()
+    return sweep_dir / PARQUET
+
+
+def _replace(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

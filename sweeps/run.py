@@ -1,0 +1,77 @@
+"""python -m sweeps.run GRID.yaml [--out DIR] [--dry-run] [--retry-failed] [--shard I/N]
+
+Plans the grid (validating everything and solving every budget before
+anything is written), then trains this driver's runs into
+``runs/<grid name>/`` (or ``--out DIR``). Rerun the same command to resume.
+Exit status: 0 all of this driver's runs are done or diverged, 1 some
+failed, 2 the grid (or a flag) is invalid, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from elmjax.config_io import ConfigError
+from sweeps.driver import Options, prepare, run_sweep, write_report
+from sweeps.grid import load_grid
+from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S
+from sweeps.plan import build_plan, format_table
+from sweeps.results import CSV, PARQUET
+from sweeps.shard import COUNT_ENV, ShardError, detect_shard
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.splitlines()[0])
+    p.add_argument("grid", help="grid YAML file")
+    p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/<grid name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the table of runs and exit")
+    p.add_argument("--retry-failed", action="store_true", help="retry runs whose status is failed")
+    p.add_argument("--shard", metavar="I/N", help="run only task I of N (0-based); also read from "
+                   f"SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX + {COUNT_ENV}")
+    p.add_argument("--shards", type=int, metavar="N", help="shard count with JOB_COMPLETION_INDEX (Kubernetes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (per-run lines only)")
+    p.add_argument("--lock-timeout", type=float, default=STALE_AFTER_S, metavar="S",
+                   help=f"seconds without a heartbeat after which a run's lock is stale (default {STALE_AFTER_S:.0f}; "
+                   f"heartbeat every {HEARTBEAT_S:.0f} s)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        grid = load_grid(args.grid)
+        runs = build_plan(grid)
+        shard = detect_shard(args.shard, args.shards)
+    except (ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        mine = shard.select(runs) if shard else runs
+        print(format_table(mine))
+        if shard:
+            print(f"{shard}: {len(mine)} of {len(runs)} runs")
+        return 0
+    sweep_dir = Path(args.out) if args.out else Path("runs") / grid.name
+    located = prepare(grid, runs, sweep_dir)
+    todo = shard.select(located) if shard else located
+    where = f", {shard}: {len(todo)} of them" if shard else ""
+    print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")
+    opts = Options(retry_failed=args.retry_failed, progress=not args.no_progress,
+                   stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4))
+    try:
+        summary = run_sweep(todo, sweep_dir, opts)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e or 'SIGINT'}); rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"\nthis driver: {summary}")
+    print(f"results: {sweep_dir / PARQUET} (and {CSV}); states: python -m sweeps.status {sweep_dir}")
+    report = write_report(sweep_dir)
+    if report is not None:
+        print(f"report:  {report}")
+    return 1 if summary.counts.get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
