@@ -65,7 +65,7 @@ def build_table(sweep_dir: str | Path):
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=list(PLAN_COLUMNS) + list(RUN_COLUMNS))
-    head = [c for c in PLAN_COLUMNS[:3] + RUN_COLUMNS[:2] + PLAN_COLUMNS[3:] + RUN_COLUMNS[2:] if c in df]
+    head = [c for c in PLAN_COLUMNS[:2] + RUN_COLUMNS[:2] + PLAN_COLUMNS[2:] + RUN_COLUMNS[2:] if c in df]
     rest = sorted((c for c in df.columns if c not in head), key=lambda c: (not c.startswith("axis."), c))
     df = df[head + rest]
     for col in _INT_COLUMNS:
