@@ -190,3 +190,22 @@ def test_cli_rejects_unknown_keys(tmp_path):
     out = subprocess.run([sys.executable, "-m", "elmjax.train", str(f)], capture_output=True, text=True)
     assert out.returncode == 2
     assert "train.stepz: unknown key (did you mean 'steps'?)" in out.stderr
+
+
+def test_persistent_compilation_cache_is_reused(tmp_path):
+    cache = tmp_path / "xla-cache"
+
+    def train(name):
+        cfg = tiny_config(tmp_path / name, "train.steps=2", "train.eval_every=100", cache=cache)
+        env = dict(os.environ, JAX_LOG_COMPILES="1")  # makes JAX log cache hits and misses
+        out = subprocess.run([sys.executable, "-m", "elmjax.train", str(write_config(cfg, tmp_path / f"{name}.yaml"))],
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stderr
+
+    first = train("a")
+    assert "Finished XLA compilation of jit(train_step)" in first
+    assert "cache hit for 'jit_train_step'" not in first
+    assert any(cache.rglob("*")), "nothing was written to the compilation cache"
+    second = train("b")  # same shapes, a fresh process: the train step is not recompiled
+    assert "Persistent compilation cache hit for 'jit_train_step'" in second

@@ -1,0 +1,141 @@
+"""Train-step benchmark: layer-wise OpenELM vs a uniform model of the same size.
+
+    python -m elmjax.bench                       # small CPU-sized default
+    python -m elmjax.bench --preset OpenELM-270M --batch 16 --seq-len 2048 --dtype bfloat16
+
+Both models are measured in this one process, alternating, so machine noise
+hits both; the printed ratio (layer-wise tokens/s over uniform tokens/s) is
+the number to compare. MFU uses the analytic FLOPs of ``elmjax.layout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elmjax.config import MeshConfig, OptimizerConfig
+from elmjax.hardware import mfu
+from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
+from elmjax.model_config import ModelConfig, preset
+from elmjax.optim import lr_schedule, make_optimizer
+from elmjax.sharding import batch_sharding, make_mesh, param_shardings
+from elmjax.train_step import TrainState, abstract_model, init_params, make_train_step, state_shardings
+
+SMALL = ModelConfig(num_layers=8, model_dim=256, head_dim=32, num_gqa_groups=2, ffn_dim_divisor=64, vocab_size=4096)
+
+
+def uniform_twin(cfg: ModelConfig) -> ModelConfig:
+    """Same width and depth, every layer alike, and the same parameter count as
+    closely as the layout's rounding allows: alpha near the mean per-layer
+    alpha (+-0.25) and beta in steps of 0.01 are searched together."""
+    alphas = layer_multipliers(cfg.qkv_multipliers, cfg.qkv_schedule, cfg.num_layers)
+    target = param_counts(cfg).total
+    mean_alpha = float(np.mean(alphas))
+    candidates = [
+        cfg.replace(qkv_multipliers=round(mean_alpha + da / 100, 2), ffn_multipliers=b / 100)
+        for da in range(-25, 26, 5)
+        if mean_alpha + da / 100 > 0
+        for b in range(10, 801)
+    ]
+    # Closest size first; among equals, the alpha closest to the mean.
+    return min(candidates, key=lambda c: (abs(param_counts(c).total - target), abs(c.qkv_multipliers - mean_alpha)))
+
+
+def _compile(cfg: ModelConfig, batch: int, seq_len: int):
+    mesh = make_mesh(MeshConfig(data=-1))
+    opt_cfg = OptimizerConfig(warmup_steps=2)
+    optimizer = make_optimizer(opt_cfg, 1000)
+    graphdef, abs_state = abstract_model(cfg)
+    param_sh = param_shardings(abs_state, mesh)
+
+    def create():
+        params = init_params(cfg, 0)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.key_data(jax.random.key(0)))
+
+    shardings = state_shardings(optimizer, param_sh, jax.eval_shape(create), mesh)
+    state = jax.jit(create, out_shardings=shardings)()
+    step = make_train_step(graphdef, optimizer, lr_schedule(opt_cfg, 1000), z_loss=0.0, grad_accum=1)
+    bsh = batch_sharding(mesh)
+    tokens = jax.device_put(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32), bsh)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0).lower(state, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    return compiled, state, tokens, compile_s, mesh.size
+
+
+def _peak_memory(compiled) -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+
+
+def _time(compiled, state, tokens, steps: int):
+    state, m = compiled(state, tokens)  # warm-up
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, tokens)
+    jax.block_until_ready(m)
+    return time.perf_counter() - t0, state
+
+
+def bench(cfg: ModelConfig, batch: int, seq_len: int, steps: int, rounds: int) -> dict[str, dict]:
+    arms = {"layer-wise": cfg, "uniform": uniform_twin(cfg)}
+    ready = {name: _compile(c, batch, seq_len) for name, c in arms.items()}
+    seconds = {name: 0.0 for name in arms}
+    for _ in range(rounds):  # alternate so drift and noise hit both arms
+        for name, (compiled, state, tokens, _, _) in ready.items():
+            dt, state = _time(compiled, state, tokens, steps)
+            ready[name] = (compiled, state, tokens) + ready[name][3:]
+            seconds[name] += dt
+    out = {}
+    for name, c in arms.items():
+        compiled, _, _, compile_s, ndev = ready[name]
+        tps = rounds * steps * batch * seq_len / seconds[name]
+        flops = train_flops_per_token(c, seq_len)
+        out[name] = {
+            "params": param_counts(c).total,
+            "tokens_per_s": tps,
+            "mfu": mfu(flops, tps, ndev, c.dtype),
+            "compile_s": compile_s,
+            "peak_bytes": _peak_memory(compiled),
+            "q_heads": [x.q_heads for x in layer_layout(c)],
+            "ffn_dims": [x.ffn_dim for x in layer_layout(c)],
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m elmjax.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", help="OpenELM preset (default: a small CPU-sized layer-wise model)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--remat", action="store_true")
+    args = p.parse_args(argv)
+    cfg = preset(args.preset) if args.preset else SMALL
+    cfg = cfg.replace(dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"), remat=args.remat)
+    res = bench(cfg, args.batch, args.seq_len, args.steps, args.rounds)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  dtype {cfg.dtype}  batch {args.batch}  seq_len {args.seq_len}")
+    for name, r in res.items():
+        mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"
+        print(f"{name:>10}: params {r['params']:,}  tokens/s {r['tokens_per_s']:,.0f}  MFU {mfu_s}  "
+              f"compile {r['compile_s']:.1f} s  peak mem {mem}")
+    ratio = res["layer-wise"]["tokens_per_s"] / res["uniform"]["tokens_per_s"]
+    print(f"ratio layer-wise / uniform tokens/s: {ratio:.3f}  (target >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

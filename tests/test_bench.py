@@ -1,0 +1,19 @@
+from elmjax.bench import bench, uniform_twin
+from elmjax.layout import layer_layout, param_counts
+from elmjax.model_config import ModelConfig, preset
+
+
+def test_uniform_twin_is_uniform_and_matches_size():
+    for cfg in (preset("OpenELM-270M"), preset("OpenELM-1_1B")):
+        twin = uniform_twin(cfg)
+        assert len(set(layer_layout(twin))) == 1
+        assert len(set(layer_layout(cfg))) > 1
+        assert abs(param_counts(twin).total / param_counts(cfg).total - 1) < 0.01
+
+
+def test_bench_measures_both_arms():
+    cfg = ModelConfig(num_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=16)
+    res = bench(cfg, batch=8, seq_len=16, steps=1, rounds=1)
+    assert set(res) == {"layer-wise", "uniform"}
+    for r in res.values():
+        assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
