@@ -265,7 +265,7 @@ def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "fl
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     cfg = model.cfg
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {k: v.astype(np_dtype) for k, v in params_to_hf(cfg, params).items()}
     shards = _split_shards(tensors, max_shard_bytes)
     path = Path(path)

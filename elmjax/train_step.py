@@ -30,7 +30,7 @@ def abstract_model(cfg: ModelConfig):
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
-    return nnx.state(OpenELM(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array | None = None):

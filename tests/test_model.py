@@ -50,7 +50,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     h = layer_layout(cfg)[0].q_heads
     k = layer_layout(cfg)[0].kv_heads
     g = h // k
-    src = nnx.state(gqa, nnx.Param).to_pure_dict()
+    src = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
     dst = jax.tree.map(lambda x: x, src)
     qkv = src["layers"][0]["attn"]["qkv_DTE"]
     q, kk, v = qkv[:, :h], qkv[:, h : h + k], qkv[:, h + k :]
@@ -115,7 +115,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 def test_initialization_scales():
     cfg = ModelConfig(num_layers=4, model_dim=256, head_dim=32, qkv_multipliers=1.0, ffn_multipliers=2.0, vocab_size=2000)
-    p = nnx.state(OpenELM(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    p = nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     d, n = cfg.model_dim, cfg.num_layers
     assert np.std(p["embed_VD"]) == pytest.approx(d**-0.5, rel=0.05)
     assert np.std(p["layers"][0]["attn"]["qkv_DTE"]) == pytest.approx(d**-0.5, rel=0.05)
