@@ -284,6 +284,9 @@ def fit_power_law(x, loss, *, data: pd.DataFrame | None = None, variable: str = 
     a, e, alpha = fitted.raw
     E, A = _exp(e), _exp(a)
     flags = _plausibility({"A": A}, {"alpha": alpha}, E, float(ys.min()))
+    if distinct == 3:
+        flags.append(f"only 3 distinct {variable} values for 3 parameters: the curve interpolates them, and the "
+                     "intervals reflect run-to-run noise, not whether the power law holds")
     samples = None
     if fitted.samples is not None:
         s = fitted.samples
@@ -338,6 +341,8 @@ def fit_chinchilla(N, D, loss, *, data: pd.DataFrame | None = None, n_boot: int 
     a, b, e, alpha, beta = fitted.raw
     E, A, B = _exp(e), _exp(a), _exp(b)
     flags = _plausibility({"A": A, "B": B}, {"alpha": alpha, "beta": beta}, E, float(ys.min()))
+    if pairs == 5:
+        flags.append("only 5 distinct (N, D) pairs for 5 parameters: the surface interpolates them")
     samples = None
     if fitted.samples is not None:
         s = fitted.samples

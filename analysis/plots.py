@@ -1,0 +1,209 @@
+"""Seaborn figures for sweeps: scaling curves with bands, arm-vs-twin differences,
+(alpha, beta) heatmaps, training curves, per-layer allocations, isoFLOP parabolas.
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot,
+so nothing depends on (or changes) the global backend or figure registry:
+figures render with Agg in scripts and inline in notebooks, and
+:func:`save_figure` writes PNG and PDF atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from analysis.compare import arm_labels, lower_is_better
+
+STYLE = "whitegrid"
+
+
+def palette(names) -> dict:
+    names = sorted({str(n) for n in names})
+    return dict(zip(names, sns.color_palette("colorblind", max(len(names), 1))))
+
+
+def save_figure(fig: Figure, directory: str | Path, name: str, dpi: int = 110) -> list[Path]:
+    """Write ``name``.png and ``name``.pdf into ``directory`` (tmp file + rename); returns the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        final = directory / f"{name}.{ext}"
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{ext}", dir=directory)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=ext, dpi=dpi)  # constrained layout already fits the labels
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(final)
+    return paths
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.2, **kw):
+    with sns.axes_style(STYLE):
+        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _curve(fit, x):
+    """The fit's curve at x and its band (None when not bootstrapped)."""
+    y = fit.predict(x)
+    band = fit.band(lambda p: fit.predict(x, params=p)) if getattr(fit, "samples", None) is not None else None
+    return y, band
+
+
+def plot_scaling(df: pd.DataFrame, metric: str = "val_loss", size: str = "params", fits: dict | None = None,
+                 title: str | None = None) -> Figure:
+    """Finished runs' ``metric`` against ``size`` (log x), one colour per arm, fitted curves with bands.
+
+    ``fits`` maps arm name -> a fit with ``predict(x, params=None)`` (power
+    law, sigmoid) and optional bootstrap ``samples``.
+    """
+    data = df[(df["status"] == "done") & np.isfinite(pd.to_numeric(df[metric], errors="coerce"))]
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    colors = palette(list(data["arm"].astype(str)) + list((fits or {}).keys()))
+    if len(data):
+        sns.scatterplot(data=data.assign(arm=data["arm"].astype(str)), x=size, y=metric, hue="arm",
+                        style="arm", palette=colors, ax=ax, s=40)
+    for arm, fit in (fits or {}).items():
+        sub = data[data["arm"].astype(str) == arm]
+        lo_x = sub[size].min() if len(sub) else fit.x_range[0] if hasattr(fit, "x_range") else 1.0
+        hi_x = sub[size].max() if len(sub) else fit.x_range[1] if hasattr(fit, "x_range") else 10.0
+        x = np.geomspace(lo_x / 1.5, hi_x * 1.5, 100)
+        y, band = _curve(fit, x)
+        ax.plot(x, y, color=colors[arm], lw=1.5)
+        if band is not None:
+            ax.fill_between(x, band[0], band[1], color=colors[arm], alpha=0.18, lw=0)
+    ax.set_xscale("log")
+    ax.set(xlabel=size, ylabel=metric, title=title or f"{metric} vs {size}")
+    return fig
+
+
+def plot_differences(diffs: pd.DataFrame, metric: str = "val_loss") -> Figure:
+    """Arm minus uniform twin per budget, mean over seeds with bootstrap error bars."""
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    arms = sorted(diffs["arm"].astype(str).unique())
+    colors = palette(arms)
+    offsets = np.linspace(-0.04, 0.04, len(arms)) if len(arms) > 1 else [0.0]
+    for off, arm in zip(offsets, arms):
+        g = diffs[diffs["arm"].astype(str) == arm].sort_values("budget")
+        x = g["budget"].to_numpy(float) * 10 ** off  # small log-offsets keep the bars apart
+        y = g["diff"].to_numpy(float)
+        err = np.vstack([y - g["low"].to_numpy(float), g["high"].to_numpy(float) - y])
+        err = np.where(np.isfinite(err), err, 0.0)
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=colors[arm], label=arm)
+    ax.axhline(0.0, color="0.3", lw=1, ls="--")
+    ax.set_xscale("log")
+    better = "lower" if lower_is_better(metric) else "higher"
+    ax.set(xlabel="budget", ylabel=f"{metric}: arm - uniform twin", title=f"arm minus uniform twin ({better} is better)")
+    if arms:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def bounds_table(df: pd.DataFrame, diffs: pd.DataFrame, budget: float) -> pd.DataFrame:
+    """Mean paired difference at ``budget`` with each arm's alpha/beta bounds and schedule."""
+    arms = df[~df["is_uniform"]].groupby("arm")[["alpha_min", "alpha_max", "beta_min", "beta_max", "qkv_schedule"]]
+    bounds = arms.first().reset_index()
+    d = diffs[np.isclose(diffs["budget"].astype(float), budget)][["arm", "diff"]]
+    t = bounds.merge(d, on="arm", how="inner")
+    t["alpha bounds"] = [f"[{a:g}, {b:g}]" for a, b in zip(t["alpha_min"], t["alpha_max"])]
+    t["beta bounds"] = [f"[{a:g}, {b:g}]" for a, b in zip(t["beta_min"], t["beta_max"])]
+    return t
+
+
+def plot_bounds_heatmap(df: pd.DataFrame, diffs: pd.DataFrame, budget: float, metric: str = "val_loss") -> Figure:
+    """Heatmap of arm - twin over (alpha bounds, beta bounds) at one budget, one panel per schedule."""
+    t = bounds_table(df, diffs, budget)
+    schedules = sorted(t["qkv_schedule"].astype(str).unique()) or ["-"]
+    fig, axes = _figure(ncols=len(schedules), width=4.8, height=4.0)
+    lim = float(np.nanmax(np.abs(t["diff"]))) if len(t) and np.isfinite(t["diff"]).any() else 1.0
+    cmap = "RdBu" if lower_is_better(metric) else "RdBu_r"  # blue = better for the arm either way
+    for ax, sched in zip(axes[0], schedules):
+        pivot = t[t["qkv_schedule"].astype(str) == sched].pivot_table(index="alpha bounds", columns="beta bounds",
+                                                                      values="diff", aggfunc="mean")
+        if pivot.empty:
+            ax.set_axis_off()
+            continue
+        sns.heatmap(pivot, annot=True, fmt=".3f", cmap=cmap, vmin=-lim, vmax=lim, center=0.0, ax=ax,
+                    cbar_kws={"label": f"{metric} arm - twin"})
+        ax.set_title(f"schedule {sched}, budget {budget:.3g}")
+    return fig
+
+
+def plot_training_curves(curves: pd.DataFrame, df: pd.DataFrame | None = None, metric: str = "val_loss") -> Figure:
+    """``metric`` against tokens for every run, coloured by arm, one panel per budget."""
+    data = curves[curves["metric"] == metric].copy()
+    if df is not None and len(data):
+        labels = dict(zip(zip(df["sweep"], df["run"]), arm_labels(df)))
+        data["arm"] = [labels.get((s, r), a) for s, r, a in zip(data["sweep"], data["run"], data["arm"])]
+    data["arm"] = data["arm"].astype(str)
+    budgets = sorted(data["budget"].dropna().unique()) or [None]
+    fig, axes = _figure(ncols=len(budgets), width=4.6, height=3.8, sharey=True)
+    colors = palette(data["arm"].unique())
+    for ax, budget in zip(axes[0], budgets):
+        sub = data if budget is None else data[data["budget"] == budget]
+        if len(sub):
+            sns.lineplot(data=sub, x="tokens", y="value", hue="arm", units="run", estimator=None, palette=colors,
+                         ax=ax, lw=1.2, legend=ax is axes[0, 0])
+        ax.set(xlabel="tokens", ylabel=metric, title="all runs" if budget is None else f"budget {budget:.3g}")
+    return fig
+
+
+def plot_allocation(df: pd.DataFrame, budget: float | None = None) -> Figure:
+    """Query/KV heads and FFN width against depth for one run of each arm (largest budget by default)."""
+    rows = df[df["q_heads"].notna() & df["ffn_dims"].notna()]
+    if budget is None and rows["budget"].notna().any():
+        budget = float(rows["budget"].max())
+    if budget is not None:
+        rows = rows[np.isclose(rows["budget"].astype(float), budget)]
+    rows = rows.assign(label=arm_labels(rows)).drop_duplicates("label")
+    fig, axes = _figure(ncols=2, width=5.0, height=3.8)
+    ax_h, ax_f = axes[0]
+    colors = palette(rows["label"])
+    for r in rows.itertuples(index=False):
+        q, kv, ffn = (json.loads(v) for v in (r.q_heads, r.kv_heads, r.ffn_dims))
+        depth = np.arange(len(q))
+        ax_h.plot(depth, q, "o-", color=colors[r.label], label=f"{r.label} (query)")
+        ax_h.plot(depth, kv, ".--", color=colors[r.label], alpha=0.7)
+        ax_f.plot(depth, ffn, "o-", color=colors[r.label], label=r.label)
+    title = "" if budget is None else f" (budget {budget:.3g})"
+    ax_h.set(xlabel="layer", ylabel="heads (solid: query, dashed: KV)", title="attention heads" + title)
+    ax_f.set(xlabel="layer", ylabel="FFN width", title="FFN width" + title)
+    if len(rows):
+        ax_f.legend(fontsize=7)
+    return fig
+
+
+def plot_isoflop(df: pd.DataFrame, fit, size: str = "params", metric: str = "val_loss") -> Figure:
+    """Loss against size per FLOP budget with the fitted parabolas' minima (Approach 2)."""
+    data = df[(df["status"] == "done") & np.isfinite(pd.to_numeric(df[metric], errors="coerce"))]
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    colors = dict(zip(sorted(data["budget"].unique()), sns.color_palette("viridis", data["budget"].nunique())))
+    for budget, g in data.groupby("budget"):
+        ax.scatter(g[size], g[metric], color=colors[budget], s=25, label=f"C={budget:.3g}")
+        x = np.log(g[size].to_numpy(float))
+        if len(np.unique(x)) >= 3:
+            c = np.polyfit(x, g[metric].to_numpy(float), 2)
+            xs = np.linspace(x.min(), x.max(), 60)
+            ax.plot(np.exp(xs), np.polyval(c, xs), color=colors[budget], lw=1)
+    opt = fit.budgets
+    ax.errorbar(opt["N_opt"], opt["loss_opt"], xerr=[opt["N_opt"] - opt["N_opt_low"], opt["N_opt_high"] - opt["N_opt"]]
+                if opt["N_opt_low"].notna().all() else None, fmt="k*", ms=10, label="N_opt")
+    ax.set_xscale("log")
+    ax.set(xlabel=size, ylabel=metric, title=f"isoFLOP profiles: N_opt ~ C^{fit.a.estimate:.3g}")
+    ax.legend(fontsize=7)
+    return fig
