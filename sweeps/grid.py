@@ -385,26 +385,44 @@ def _check_conflicts(axes: tuple[Axis, ...], errors: _Errors) -> None:
 
 
 def _check_base(base: dict, axes: tuple[Axis, ...], errors: _Errors) -> None:
+    """Report what is wrong with ``base`` itself, and which setter-axis values are invalid.
+
+    The base may rely on the axes (e.g. ``data.paths`` swept by an axis), so it is
+    judged together with each axis's first value; an error that the base alone
+    does not have belongs to an axis value, reported as ``axes.<name>[i]``."""
     for key in _SWEEP_OWNED:
         if key in base:
             errors.add(f"base.{key}", "is set by the sweep for every run (use --out to choose where runs go)")
     probe = _probe(base, axes)
-    try:
-        config_io.from_dict(Config, probe, source=None, path="base")
-    except ConfigError as e:
-        errors.add_located(str(e))
+    alone = _config_error(probe)
+    with_axes = probe
+    for a in axes:
+        if a.kind == "setter":
+            with_axes = _set_all(with_axes, a, 0)
+    if alone is not None and _config_error(with_axes) == alone:
+        errors.add_located("base" + (alone.removeprefix("<root>") if alone.startswith("<root>") else "." + alone))
         return  # axis values are checked on a valid base only
     for a in axes:
         if a.kind != "setter":
             continue
         for i, v in enumerate(a.raw):
-            data = probe
-            for p in a.paths:
-                data = config_io.set_dotted(data, Config, p, v)
-            try:
-                config_io.from_dict(Config, data, source=None, path="")
-            except ConfigError as e:
-                errors.add(f"axes.{a.name}[{i}]", f"{v!r} is not valid for {', '.join(a.paths)}: {e}")
+            err = _config_error(_set_all(probe, a, i))
+            if err is not None and err != alone:
+                errors.add(f"axes.{a.name}[{i}]", f"{v!r} is not valid for {', '.join(a.paths)}: {err}")
+
+
+def _set_all(data: dict, axis: Axis, i: int) -> dict:
+    for p in axis.paths:
+        data = config_io.set_dotted(data, Config, p, axis.raw[i])
+    return data
+
+
+def _config_error(data: dict) -> str | None:
+    try:
+        config_io.from_dict(Config, data, source=None, path="")
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def _probe(base: dict, axes: tuple[Axis, ...]) -> dict:

@@ -3,8 +3,9 @@
 Plans the grid (validating everything and solving every budget before
 anything is written), then trains this driver's runs into
 ``runs/<grid name>/`` (or ``--out DIR``). Rerun the same command to resume.
-Exit status: 0 all of this driver's runs are done or diverged, 1 some
-failed, 2 the grid (or a flag) is invalid, 130 interrupted.
+Exit status: 0 every run of this driver's share is done or diverged (or
+held by another driver), 1 some are failed, 2 the grid (or a flag) is
+invalid, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from elmjax import run_dir as rd
 from elmjax.config_io import ConfigError
 from sweeps.driver import Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
@@ -32,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    f"SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX + {COUNT_ENV}")
     p.add_argument("--shards", type=int, metavar="N", help="shard count with JOB_COMPLETION_INDEX (Kubernetes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (per-run lines only)")
+    p.add_argument("--no-report", action="store_true", help="do not call analysis.report at the end")
     p.add_argument("--lock-timeout", type=float, default=STALE_AFTER_S, metavar="S",
                    help=f"seconds without a heartbeat after which a run's lock is stale (default {STALE_AFTER_S:.0f}; "
                    f"heartbeat every {HEARTBEAT_S:.0f} s)")
@@ -67,10 +70,14 @@ def main(argv=None) -> int:
         return 130
     print(f"\nthis driver: {summary}")
     print(f"results: {sweep_dir / PARQUET} (and {CSV}); states: python -m sweeps.status {sweep_dir}")
-    report = write_report(sweep_dir)
+    report = None if args.no_report else write_report(sweep_dir)
     if report is not None:
         print(f"report:  {report}")
-    return 1 if summary.counts.get("failed") else 0
+    failed = [r.name for r in todo if rd.read_status(r.config.run_dir)["state"] == "failed"]
+    if failed:
+        print(f"{len(failed)} failed run(s) (see python -m sweeps.status {sweep_dir} --errors); "
+              "rerun with --retry-failed to retry them", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""End to end with the real trainer: results, skip, SIGKILL resume, concurrent drivers, failure isolation.
+
+All runs are tiny (2 layers, width ~40, 32-token sequences, 48 steps) and
+share one persistent compilation cache, so after the first compile the
+subprocess drivers mostly pay for importing JAX.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from elmjax import run_dir as rd
+from sweeps import run
+from sweeps.grid import load_grid
+from sweeps.plan import build_plan
+from sweeps.results import PARQUET
+from sweep_helpers import TINY_BASE, write_grid
+
+STEPS = 48
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """openelm + its uniform twin at one tiny budget: 2 runs."""
+    d = tmp_path_factory.mktemp("grid")
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": STEPS}, "checkpoint": {"every": 8, "keep": 2},
+            "compilation_cache": str(d / "xla")}
+    return write_grid(d / "tiny.yaml", {"budget": {"kind": "params", "values": [4e4]},
+                                        "allocation": {"openelm": "openelm", "uniform": "uniform"}}, base=base)
+
+
+@pytest.fixture(scope="module")
+def reference(grid, tmp_path_factory):
+    """The sweep run once, uninterrupted, in this process."""
+    out = tmp_path_factory.mktemp("ref") / "sweep"
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    return out
+
+
+def train_steps(run_dir):
+    return [r["step"] for r in rd.read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def results(sweep_dir):
+    return pd.read_parquet(sweep_dir / PARQUET)
+
+
+def launch(grid, out, log):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "sweeps.run", str(grid), "--out", str(out), "--no-progress",
+                             "--no-report"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def test_sweep_trains_every_run_and_writes_results(reference, grid):
+    df = results(reference)
+    names = [r.name for r in build_plan(load_grid(grid))]
+    assert list(df["run"]) == names and (df["status"] == "done").all()
+    assert df[["val_loss", "val_ppl", "val_bpb", "val_acc", "wall_time_s"]].notna().all().all()
+    assert (df["final_step"] == STEPS).all() and df["twin"][0] == names[1]
+    for name in names:
+        assert train_steps(reference / "runs" / name) == list(range(2, STEPS + 1, 2))
+        assert rd.read_final(reference / "runs" / name)["params"] == int(df.set_index("run")["params"][name])
+
+
+def test_rerun_skips_finished_runs(reference, grid, capsys):
+    before = {p: p.read_text() for p in reference.glob("runs/*/metrics.jsonl")}
+    assert run.main([str(grid), "--out", str(reference), "--no-progress", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": already done") == 2 and ": training" not in out
+    assert {p: p.read_text() for p in reference.glob("runs/*/metrics.jsonl")} == before
+
+
+def test_a_missing_or_failing_report_never_fails_the_sweep(reference, grid, capsys, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "analysis.report", None)  # not importable
+    assert run.main([str(grid), "--out", str(reference), "--no-progress"]) == 0
+    assert "analysis.report is not importable" in capsys.readouterr().err
+
+    def broken(sweep_dir):
+        raise ValueError("no fits for this sweep")
+
+    monkeypatch.setitem(sys.modules, "analysis.report", types.SimpleNamespace(write_report=broken))
+    assert run.main([str(grid), "--out", str(reference), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "the report failed (ValueError: no fits for this sweep)" in captured.err
+    assert f"results: {reference / PARQUET}" in captured.out
+
+
+def test_sigkill_mid_run_then_rerun_resumes_without_lost_or_duplicated_rows(reference, grid, tmp_path):
+    out = tmp_path / "sweep"
+    names = [r.name for r in build_plan(load_grid(grid))]
+    first = out / "runs" / names[0]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = launch(grid, out, log)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = [int(p.name) for p in (first / "checkpoints").glob("*") if p.name.isdigit()]
+            if ckpts and 8 <= max(ckpts) < STEPS - 16:
+                break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert rd.read_status(first)["state"] == "running", (tmp_path / "log.txt").read_text()[-3000:]
+    killed_at = len(train_steps(first))
+    assert 0 < killed_at < STEPS // 2
+    assert results(out)["status"].tolist()[0] in ("pending", "running")
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    df = results(out)
+    assert list(df["run"]) == names and (df["status"] == "done").all()
+    for name in names:
+        assert train_steps(out / "runs" / name) == list(range(2, STEPS + 1, 2))  # none lost, none twice
+    # Resuming is exact: the killed sweep ends where the uninterrupted one did.
+    ref = results(reference).set_index("run")["val_loss"]
+    assert df.set_index("run")["val_loss"].to_dict() == pytest.approx(ref.to_dict(), rel=1e-5)
+
+
+def test_two_drivers_on_one_sweep_never_train_the_same_run(reference, grid, tmp_path):
+    out = tmp_path / "sweep"
+    logs = [tmp_path / f"driver{i}.txt" for i in range(2)]
+    handles = [open(p, "w") for p in logs]
+    procs = [launch(grid, out, h) for h in handles]
+    codes = [p.wait(timeout=300) for p in procs]
+    for h in handles:
+        h.close()
+    texts = [p.read_text() for p in logs]
+    assert codes == [0, 0], texts
+    names = [r.name for r in build_plan(load_grid(grid))]
+    for name in names:
+        trained = sum(t.count(f"{name}: training") for t in texts)
+        assert trained == 1, f"{name} trained {trained} times:\n" + "\n".join(texts)
+        assert train_steps(out / "runs" / name) == list(range(2, STEPS + 1, 2))
+    df = results(out)
+    assert list(df["run"]) == names and (df["status"] == "done").all()
+    ref = results(reference).set_index("run")["val_loss"]
+    assert df.set_index("run")["val_loss"].to_dict() == pytest.approx(ref.to_dict(), rel=1e-5)
+
+
+def make_jsonl(path: Path, docs: int = 300) -> None:
+    import sysconfig
+
+    text = "".join(p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-c]*.py"))[:20])
+    with open(path, "w") as f:
+        for i in range(docs):
+            f.write(json.dumps({"text": text[i * 400:(i + 1) * 400]}) + "\n")
+
+
+def test_failures_are_isolated_recorded_and_retried_only_when_asked(tmp_path, capsys):
+    good, missing = tmp_path / "good.jsonl", tmp_path / "missing.jsonl"
+    make_jsonl(good)
+    model = {**TINY_BASE["model"], "model_dim": 32, "qkv_multipliers": 1.0, "ffn_multipliers": 2.0}
+    data = {**TINY_BASE["data"], "source": "jsonl", "max_documents": None}
+    base = {**TINY_BASE, "model": model, "data": data, "compilation_cache": str(tmp_path / "xla"),
+            "train": {**TINY_BASE["train"], "steps": 12}}
+    grid = write_grid(tmp_path / "fail.yaml", {"data.paths": [[str(missing)], [str(good)]], "lr": [3e-3, 1e6]},
+                      base=base, exclude=[{"data.paths": [[str(missing)]], "lr": 1e6}])
+    out = tmp_path / "sweep"
+    # The failing run comes first: the sweep must go on past it.
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 1
+    df = results(out)
+    assert df["status"].tolist() == ["failed", "done", "diverged"]
+    assert "file not found" in df["error"][0] and "non-finite" in df["error"][2]
+    names = df["run"].tolist()
+    done_log = (out / "runs" / names[1] / "metrics.jsonl").read_text()
+    diverged_status = (out / "runs" / names[2] / "status.json").read_text()
+    capsys.readouterr()
+
+    make_jsonl(missing)  # fix the cause
+    # Not retried without the flag:
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 1
+    assert "failed earlier" in capsys.readouterr().out and results(out)["status"][0] == "failed"
+
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report", "--retry-failed"]) == 0
+    assert results(out)["status"].tolist() == ["done", "done", "diverged"]
+    assert (out / "runs" / names[1] / "metrics.jsonl").read_text() == done_log  # finished runs untouched
+    assert (out / "runs" / names[2] / "status.json").read_text() == diverged_status  # a divergence is a result
