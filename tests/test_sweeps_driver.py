@@ -182,3 +182,40 @@ def test_failures_are_isolated_recorded_and_retried_only_when_asked(tmp_path, ca
     assert results(out)["status"].tolist() == ["done", "done", "diverged"]
     assert (out / "runs" / names[1] / "metrics.jsonl").read_text() == done_log  # finished runs untouched
     assert (out / "runs" / names[2] / "status.json").read_text() == diverged_status  # a divergence is a result
+
+
+@pytest.mark.slow
+def test_a_multi_host_sweep_trains_each_run_once_across_processes(tmp_path):
+    """Two processes x 4 CPU devices (jax.distributed + gloo) run the sweep together: process 0 decides."""
+    import socket
+
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "batch_size": 8}, "mesh": {"data": -1},
+            "train": {**TINY_BASE["train"], "steps": 8}, "compilation_cache": ""}
+    grid = write_grid(tmp_path / "mh.yaml", {"budget": {"kind": "params", "values": [4e4]},
+                                             "allocation": {"openelm": "openelm", "uniform": "uniform"}}, base=base)
+    out = tmp_path / "sweep"
+
+    def launch_all(tag):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for pid in range(2):
+            env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                       ELMJAX_COORDINATOR=f"127.0.0.1:{port}", ELMJAX_NUM_PROCESSES="2", ELMJAX_PROCESS_ID=str(pid))
+            log = open(tmp_path / f"{tag}{pid}.log", "w")
+            procs.append(subprocess.Popen([sys.executable, "-m", "sweeps.run", str(grid), "--out", str(out),
+                                           "--no-progress", "--no-report"], env=env, stdout=log, stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=600) for p in procs]
+        logs = [(tmp_path / f"{tag}{pid}.log").read_text() for pid in range(2)]
+        assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
+        return logs
+
+    logs = launch_all("first")
+    df = results(out)
+    assert (df["status"] == "done").all() and len(df) == 2
+    for name in df["run"]:
+        assert train_steps(out / "runs" / name) == list(range(2, 9, 2))
+        assert all(f"{name}: training" in log for log in logs)  # both processes trained it, together
+    logs = launch_all("again")  # process 0 sees them done; process 1 follows its decision
+    assert all(log.count(": already done") == 2 for log in logs)
