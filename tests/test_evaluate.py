@@ -9,7 +9,7 @@ from flax import nnx
 
 from elmjax.evaluate import TaskFileError, evaluate_tasks, load_task, main
 from elmjax.hf_interop import save_pretrained
-from elmjax.model import OpenELM
+from elmjax.bench_generate import random_model
 from elmjax.model_config import ModelConfig
 from elmjax.tokenizer import ByteTokenizer
 
@@ -27,7 +27,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.jit(lambda: OpenELM(TINY, rngs=nnx.Rngs(0)))()
+    return random_model(TINY)
 
 
 def write_task(path, rows):

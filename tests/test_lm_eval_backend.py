@@ -11,7 +11,7 @@ from elmjax.evaluate import evaluate_tasks  # noqa: E402
 from elmjax.generate import generate  # noqa: E402
 from elmjax.hf_interop import save_pretrained  # noqa: E402
 from elmjax.lm_eval_backend import ElmjaxLM  # noqa: E402
-from elmjax.model import OpenELM  # noqa: E402
+from elmjax.bench_generate import random_model  # noqa: E402
 from elmjax.model_config import ModelConfig  # noqa: E402
 from elmjax.scoring import loglikelihood_rolling, rolling_windows  # noqa: E402
 from elmjax.tokenizer import ByteTokenizer  # noqa: E402
@@ -50,7 +50,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.jit(lambda: OpenELM(TINY, rngs=nnx.Rngs(0)))()
+    return random_model(TINY)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elmjax.model import OpenELM
+from elmjax.bench_generate import random_model
 from elmjax.model_config import ModelConfig
 from elmjax.scoring import (TRACES, _score_batch, choice_metrics, encode_pair, loglikelihood, loglikelihood_rolling, mean_stderr,
                             rolling_windows)
@@ -17,7 +17,7 @@ TINY = ModelConfig(num_layers=2, model_dim=64, head_dim=16, num_gqa_groups=2, ff
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.jit(lambda: OpenELM(TINY, rngs=nnx.Rngs(0)))()
+    return random_model(TINY)
 
 
 @nnx.jit
