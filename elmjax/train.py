@@ -310,7 +310,7 @@ class _Loop:
             self._log_eval(step)
         if cfg.checkpoint.enabled and step % cfg.checkpoint.every == 0 and not last:
             self._save(step)
-        if self.stop.event.is_set():
+        if self.stop.event.is_set() and not last:  # at the last step, just finish
             self._save(step)
             self.ckpt.wait()
             if self.lead:
