@@ -108,7 +108,7 @@ def _summarise(per_example: list[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate_tasks(model, tokenizer, task_files: Sequence[str | Path], *, token_budget: int | None = None,
-                   prefix_token: int | None = None) -> dict[str, dict[str, float]]:
+                   prefix_token: int | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
     """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}} for local JSONL task files.
 
     All questions of all tasks are scored in one batched pass. ``prefix_token``
@@ -118,7 +118,8 @@ def evaluate_tasks(model, tokenizer, task_files: Sequence[str | Path], *, token_
     tasks = load_tasks(task_files)
     requests = [encode_pair(tokenizer, ex.context, c, prefix_token)
                 for examples in tasks.values() for ex in examples for c in ex.choices]
-    lls = iter(r.logprob for r in loglikelihood(model, requests, token_budget=token_budget or DEFAULT_TOKEN_BUDGET))
+    scored = loglikelihood(model, requests, token_budget=token_budget or DEFAULT_TOKEN_BUDGET, progress=progress)
+    lls = iter(r.logprob for r in scored)
     results = {}
     for name, examples in tasks.items():
         per_example = [choice_metrics([next(lls) for _ in ex.choices], ex.choices, ex.gold) for ex in examples]
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_tasks(args.tasks)  # bad task files fail before the model loads
         model, tok = load_for_inference(args.checkpoint, args.tokenizer, args.dtype)
-        results = evaluate_tasks(model, tok, args.tasks, token_budget=args.token_budget)
+        results = evaluate_tasks(model, tok, args.tasks, token_budget=args.token_budget, progress=True)
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

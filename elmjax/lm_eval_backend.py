@@ -32,11 +32,13 @@ from elmjax.tokenizer import load_tokenizer
 class ElmjaxLM(LM):
     def __init__(self, checkpoint: str | None = None, tokenizer=None, dtype: str | None = None, *, model=None,
                  max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET, max_gen_toks: int = 256,
-                 prefix_token: int | None = None, seed: int = 1234, batch_size: Any = None, **unused):
+                 prefix_token: int | None = None, seed: int = 1234, batch_size: Any = None,
+                 max_batch_size: Any = None, device: Any = None):
         """``batch_size`` (from ``--batch_size``) is the generation batch;
         log-likelihood batches are sized by ``token_budget`` tokens instead.
         ``device``/``max_batch_size`` from the harness are accepted and ignored
-        (JAX places the model on its default device)."""
+        (JAX places the model on its default device). Unknown model_args are
+        an error, so a misspelt option is not silently dropped."""
         super().__init__()
         if model is None:
             if checkpoint is None:
@@ -57,7 +59,8 @@ class ElmjaxLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tok, ctx, cont, self.prefix_token) for ctx, cont in (r.args for r in requests)]
-        results = loglikelihood(self.model, pairs, max_length=self.max_length, token_budget=self.token_budget)
+        results = loglikelihood(self.model, pairs, max_length=self.max_length, token_budget=self.token_budget,
+                                progress=not disable_tqdm)
         out = [(r.logprob, r.is_greedy) for r in results]
         for req, answer in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", req.args, answer)
@@ -66,7 +69,7 @@ class ElmjaxLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         docs = [self.tok.encode(r.args[0]) for r in requests]
         out = loglikelihood_rolling(self.model, docs, self.prefix_token, max_length=self.max_length,
-                                    token_budget=self.token_budget)
+                                    token_budget=self.token_budget, progress=not disable_tqdm)
         for req, answer in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, answer)
         return out

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from elmjax.generate import bucket_length
 
@@ -90,11 +91,13 @@ def _prepare(requests, max_length: int, vocab_size: int):
 
 
 def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int | None = None,
-                  token_budget: int = DEFAULT_TOKEN_BUDGET, max_rows: int = DEFAULT_MAX_ROWS) -> list[LogLikelihood]:
+                  token_budget: int = DEFAULT_TOKEN_BUDGET, max_rows: int = DEFAULT_MAX_ROWS,
+                  progress: bool = False) -> list[LogLikelihood]:
     """Summed log-probability of each continuation given its context (token ids).
 
     ``max_length`` defaults to the model's ``max_context_length``; longer
-    inputs keep their last ``max_length`` tokens, as the harness does."""
+    inputs keep their last ``max_length`` tokens, as the harness does.
+    ``progress`` shows a tqdm bar over requests."""
     max_length = max_length or model.cfg.max_context_length
     prepared = _prepare(requests, max_length, model.cfg.vocab_size)
     results: list[LogLikelihood | None] = [None] * len(prepared)
@@ -105,6 +108,7 @@ def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
         else:
             by_bucket.setdefault(bucket_length(len(inp), cap=max_length), []).append(i)
     graphdef, state = nnx.split(model)
+    bar = tqdm(total=len(prepared), desc="loglikelihood", unit="req", disable=not progress)
     for bucket, idxs in sorted(by_bucket.items()):
         rows = max(1, min(max_rows, token_budget // bucket))
         for start in range(0, len(idxs), rows):
@@ -120,6 +124,8 @@ def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
             ll, greedy = np.asarray(ll), np.asarray(greedy)
             for r, i in enumerate(chunk):
                 results[i] = LogLikelihood(float(ll[r]), bool(greedy[r]))
+            bar.update(len(chunk))
+    bar.close()
     return results  # type: ignore[return-value]
 
 
@@ -149,7 +155,8 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int, c
 
 
 def loglikelihood_rolling(model, docs: Sequence[Sequence[int]], prefix_token: int, *, max_length: int | None = None,
-                          context_len: int = 1, token_budget: int = DEFAULT_TOKEN_BUDGET) -> list[float]:
+                          context_len: int = 1, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                          progress: bool = False) -> list[float]:
     """Total log-likelihood of each document (token ids), for perplexity."""
     max_length = max_length or model.cfg.max_context_length
     windows, owner = [], []
@@ -158,7 +165,8 @@ def loglikelihood_rolling(model, docs: Sequence[Sequence[int]], prefix_token: in
             windows.append(w)
             owner.append(d)
     totals = [0.0] * len(docs)
-    for d, res in zip(owner, loglikelihood(model, windows, max_length=max_length, token_budget=token_budget)):
+    for d, res in zip(owner, loglikelihood(model, windows, max_length=max_length, token_budget=token_budget,
+                                             progress=progress)):
         totals[d] += res.logprob
     return totals
 

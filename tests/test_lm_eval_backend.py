@@ -100,6 +100,8 @@ def test_model_type_is_registered_and_built_from_model_args(model, tmp_path):
     assert (lm.gen_batch, lm.max_gen_toks, lm.max_length, lm.tok.spec) == (8, 7, 64, "byte")
     with pytest.raises(ValueError, match="checkpoint=PATH"):
         cls.create_from_arg_string("", {})
+    with pytest.raises(TypeError, match="tokenzier"):
+        cls.create_from_arg_string(f"checkpoint={tmp_path / 'ckpt'},tokenzier=byte", {})
 
 
 @pytest.mark.slow  # the CLI indexes all of the harness's built-in tasks (~10-20 s)
