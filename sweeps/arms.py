@@ -68,10 +68,10 @@ def parse_arm(name: str, value) -> Arm:
     schedule = value.get("schedule")
     return Arm(
         name=name,
-        qkv=_multipliers(value["qkv"], "qkv") if "qkv" in value else None,
-        ffn=_multipliers(value["ffn"], "ffn") if "ffn" in value else None,
-        qkv_schedule=_schedule(value.get("qkv_schedule", schedule)),
-        ffn_schedule=_schedule(value.get("ffn_schedule", schedule)),
+        qkv=parse_multipliers(value["qkv"], "qkv") if "qkv" in value else None,
+        ffn=parse_multipliers(value["ffn"], "ffn") if "ffn" in value else None,
+        qkv_schedule=parse_schedule(value.get("qkv_schedule", schedule)),
+        ffn_schedule=parse_schedule(value.get("ffn_schedule", schedule)),
         q_heads=_widths(value["q_heads"], "q_heads") if "q_heads" in value else None,
         ffn_dims=_widths(value["ffn_dims"], "ffn_dims") if "ffn_dims" in value else None,
     )
@@ -92,7 +92,7 @@ def _shorthand(name: str, value: str) -> Arm:
     raise ValueError(f"unknown arm shorthand '{value}'{suggest(value, options)}; known: {', '.join(options)}")
 
 
-def _multipliers(value, key: str) -> Multipliers:
+def parse_multipliers(value, key: str) -> Multipliers:
     values = value if isinstance(value, (list, tuple)) else [value]
     if not values:
         raise ValueError(f"{key}: must not be empty")
@@ -110,7 +110,7 @@ def _multipliers(value, key: str) -> Multipliers:
     return tuple(float(v) for v in values)
 
 
-def _schedule(value) -> str | None:
+def parse_schedule(value) -> str | None:
     if value is None or value in SCHEDULES:
         return value
     raise ValueError(f"unknown schedule {value!r}{suggest(str(value), SCHEDULES)}; known: {', '.join(SCHEDULES)}")

@@ -21,7 +21,10 @@ from elmjax.config import Config
 from elmjax.config_io import ConfigError
 from sweeps.arms import TWIN, apply_arm, check_arm, is_uniform, mean_multipliers
 from sweeps.budget import AUTO_STEPS, BudgetError, Fit, make_measure, solve_twin, solve_width
-from sweeps.grid import ARM_PARTS, Grid, _Errors, arm_of, cell_description, expand
+from sweeps.axes import ARM_PARTS
+from sweeps.expand import cell_description, expand
+from sweeps.grid import Grid, arm_of
+from sweeps.problems import Problems
 from sweeps.naming import config_hash, make_label, run_name
 from sweeps.rows import PLAN_COLUMNS, model_columns
 from sweeps.tokens import resolve_tokens
@@ -58,7 +61,7 @@ class _Solved:
 
 def build_plan(grid: Grid) -> list[PlannedRun]:
     """Every run of the grid, arms followed by their twins; GridError lists all problems."""
-    errors = _Errors(grid.path)
+    errors = Problems(grid.path)
     registry = _Registry(grid, errors)
     for position, cell in enumerate(expand(grid)):
         registry.position = position
@@ -79,7 +82,7 @@ def build_plan(grid: Grid) -> list[PlannedRun]:
 class _Registry:
     """Names runs, merges identical twins and reports duplicate cells."""
 
-    def __init__(self, grid: Grid, errors: _Errors):
+    def __init__(self, grid: Grid, errors: Problems):
         self.grid, self.errors = grid, errors
         self.by_hash: dict[str, PlannedRun] = {}
         self.cells: dict[str, str] = {}
@@ -241,14 +244,16 @@ def read_plan(sweep_dir: Path) -> list[dict]:
 
 def format_table(runs: list[PlannedRun]) -> str:
     """The dry-run table: one line per run, then totals."""
-    head = (f"{'run':<44} {'arm':<16} {'budget':>10} {'L':>3} {'width':>6} {'params':>13} {'err':>7} "
-            f"{'FLOPs/tok':>11} {'tokens':>12} {'train FLOPs':>11}")
+    name_w = max([len(r.name) for r in runs] + [3])
+    arm_w = max([len(r.row["arm"]) for r in runs] + [3])
+    head = (f"{'run':<{name_w}} {'arm':<{arm_w}} {'budget':>10} {'L':>3} {'width':>6} {'params':>14} {'err':>7} "
+            f"{'FLOPs/tok':>10} {'tokens':>15} {'train FLOPs':>11}")
     lines = [head, "-" * len(head)]
     for r in runs:
         w = r.row
-        lines.append(f"{r.name:<44} {w['arm'][:16]:<16} {w['budget']:>10.4g} {w['num_layers']:>3} {w['model_dim']:>6} "
-                     f"{w['params']:>13,} {w['budget_rel_error']:>+7.2%} {w['flops_per_token']:>11.4g} "
-                     f"{w['tokens']:>12,} {w['train_flops']:>11.3e}")
+        lines.append(f"{r.name:<{name_w}} {w['arm']:<{arm_w}} {w['budget']:>10.4g} {w['num_layers']:>3} "
+                     f"{w['model_dim']:>6} {w['params']:>14,} {w['budget_rel_error']:>+7.2%} "
+                     f"{w['flops_per_token']:>10.4g} {w['tokens']:>15,} {w['train_flops']:>11.3e}")
     total = sum(r.row["train_flops"] for r in runs)
     twins = sum(r.is_twin for r in runs)
     lines.append(f"\n{len(runs)} runs ({len(runs) - twins} arms, {twins} uniform twins); "

@@ -66,11 +66,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_status(rows: list[dict], errors: bool = False) -> str:
-    head = f"{'run':<44} {'arm':<14} {'params':>11} {'state':<9} {'step':>13} {'loss':>7} {'val_loss':>8}  where"
+    name_w = max([len(r["run"]) for r in rows] + [3])
+    arm_w = max([len(r["arm"]) for r in rows] + [3])
+    head = (f"{'run':<{name_w}} {'arm':<{arm_w}} {'params':>14} {'state':<9} {'step':>13} {'loss':>7} "
+            f"{'val_loss':>8}  where")
     lines = [head, "-" * len(head)]
     for r in rows:
         step = f"{_fmt(r['step'], 'd')}/{_fmt(r['total'], 'd')}" if r["step"] is not None or r["total"] else "-"
-        lines.append(f"{r['run']:<44} {r['arm'][:14]:<14} {r['params']:>11,} {r['state']:<9} {step:>13} "
+        lines.append(f"{r['run']:<{name_w}} {r['arm']:<{arm_w}} {r['params']:>14,} {r['state']:<9} {step:>13} "
                      f"{_fmt(r['loss'], '.3f'):>7} {_fmt(r['val_loss'], '.4f'):>8}  {r['where']}")
         if errors and r["error"]:
             lines.append(f"    {r['error']}")

@@ -2,10 +2,10 @@
 
 import math
 
-import pytest
 
 from elmjax.layout import param_counts, train_flops_per_token
-from sweeps.grid import expand, load_grid
+from sweeps.expand import expand
+from sweeps.grid import load_grid
 from sweeps.plan import build_plan
 from sweep_helpers import write_grid
 
