@@ -13,7 +13,8 @@ standard errors and ``n``.
 
     python -m elmjax.evaluate --checkpoint PATH --tasks arc_easy.jsonl piqa.jsonl [--out results.json]
 
-Sweeps call ``evaluate_tasks(model, tokenizer, task_files)``.
+Sweeps call ``evaluate_tasks(model, tokenizer, task_files)`` and
+``as_columns(results)`` for their ``eval.<task>.acc`` / ``eval.<task>.acc_norm`` columns.
 """
 
 from __future__ import annotations
@@ -127,15 +128,20 @@ def evaluate_tasks(model, tokenizer, task_files: Sequence[str | Path], *, token_
     return results
 
 
+def as_columns(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The sweep results-table columns: ``eval.<task>.acc`` and ``eval.<task>.acc_norm``."""
+    return {f"eval.{task}.{m}": float(r[m]) for task, r in results.items() for m in METRICS}
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     def cell(r, m):
         se = r[f"{m}_stderr"]
         return f"{r[m]:.4f} ± {se:.4f}" if math.isfinite(se) else f"{r[m]:.4f}"
 
     width = max(4, *(len(k) for k in results))
-    lines = [f"{'task':<{width}}  {'n':>6}  {'acc':<17}  {'acc_norm':<17}"]
+    lines = [f"{'task':<{width}}  {'n':>6}  {'acc':<17}  acc_norm"]
     for name, r in results.items():
-        lines.append(f"{name:<{width}}  {int(r['n']):>6}  {cell(r, 'acc'):<17}  {cell(r, 'acc_norm'):<17}")
+        lines.append(f"{name:<{width}}  {int(r['n']):>6}  {cell(r, 'acc'):<17}  {cell(r, 'acc_norm')}")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elmjax.evaluate import TaskFileError, evaluate_tasks, load_task, main
+from elmjax.evaluate import TaskFileError, as_columns, evaluate_tasks, load_task, main
 from elmjax.hf_interop import save_pretrained
 from elmjax.bench_generate import random_model
 from elmjax.model_config import ModelConfig
@@ -71,6 +71,9 @@ def test_evaluate_tasks_equals_a_hand_computed_reference(model, tmp_path):
     assert r["acc_stderr"] == pytest.approx(np.std(acc, ddof=1) / math.sqrt(6))
     assert r["acc_norm_stderr"] == pytest.approx(np.std(acc_norm, ddof=1) / math.sqrt(6))
     assert res["other"]["acc"] == pytest.approx(np.mean(acc[:2]))
+    cols = as_columns(res)
+    assert sorted(cols) == ["eval.mini.acc", "eval.mini.acc_norm", "eval.other.acc", "eval.other.acc_norm"]
+    assert cols["eval.mini.acc_norm"] == r["acc_norm"]
 
 
 @pytest.mark.parametrize("line, message", [
