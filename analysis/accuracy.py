@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
+from analysis.batch_lsq import levenberg_marquardt
 from analysis.bootstrap import DEFAULT_LEVEL, MAX_FAILED_FRACTION, Sampled, count_weights
 from analysis.fits import FitWarning, InsufficientDataError, PowerLawFit, column, fit_power_law, usable_points
 
@@ -38,15 +39,23 @@ class _LSQ:
     at_bound: tuple[int, ...]
 
 
-def _lsq(model, starts, lower, upper, weights) -> _LSQ:
-    """Best of least_squares from every start; ``model(p) -> (residuals, jacobian)``, rows weighted by sqrt(weights)."""
-    sw = np.sqrt(weights)
+def _lsq(model, starts, lower, upper) -> _LSQ:
+    """Best of least_squares (trust-region reflective, in the bounds) from every start.
+
+    ``model`` is batched (see :mod:`analysis.batch_lsq`); here it is
+    evaluated on one parameter vector at a time.
+    """
+    def fun(p):
+        return model(p[None])[0][0]
+
+    def jac(p):
+        return model(p[None])[1][0]
+
     best = None
     for x0 in starts:
         x0 = np.clip(x0, lower + 1e-9 * (upper - lower), upper - 1e-9 * (upper - lower))
         with np.errstate(all="ignore"):
-            res = least_squares(lambda p: sw * model(p)[0], x0, jac=lambda p: sw[:, None] * model(p)[1],
-                                bounds=(lower, upper), method="trf")
+            res = least_squares(fun, x0, jac=jac, bounds=(lower, upper), method="trf")
         if best is None or res.cost < best.cost:
             best = res
     span = upper - lower
@@ -65,15 +74,13 @@ def _flag_and_warn(who, names, fit: _LSQ, failed: float | None, extra=()) -> tup
     return tuple(flags)
 
 
-def _replicates(fit_one, counts, valid):
-    """Parameter draws, NaN rows for replicates that cannot be fitted or did not converge."""
-    rows = []
-    for c in counts:
-        r = fit_one(c.astype(float)) if valid(c > 0) else None
-        rows.append(r.params if r is not None and r.converged else None)
-    width = len(next((r for r in rows if r is not None), [np.nan]))
-    out = np.array([r if r is not None else np.full(width, np.nan) for r in rows], float)
-    return out, float(np.mean([r is None for r in rows]))
+def _replicates(model, best: _LSQ, counts: np.ndarray, valid, lower, upper):
+    """Parameter draws of all replicates (one batched Levenberg-Marquardt run from the estimate);
+    NaN rows for replicates that cannot determine the fit or did not converge."""
+    x0 = np.tile(best.params, (len(counts), 1))
+    x, _, converged = levenberg_marquardt(model, x0, counts.astype(float), lower, upper)
+    ok = converged & np.array([valid(c > 0) for c in counts])
+    return np.where(ok[:, None], x, np.nan), float(1.0 - ok.mean())
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,20 +125,19 @@ def fit_accuracy_sigmoid(N, acc, *, chance: float = 0.0, data: pd.DataFrame | No
     lower = np.array([1e-4, x.min() - 10.0])
     upper = np.array([50.0, x.max() + 10.0])
 
-    def residual(p):
-        z = p[0] * (x - p[1])
-        s = _sigmoid(z)
+    def model(P):
+        k, x0 = P[:, :1], P[:, 1:2]
+        s = _sigmoid(k * (x - x0))
         ds = (1.0 - chance) * s * (1.0 - s)
-        return chance + (1.0 - chance) * s - ys, np.column_stack([ds * (x - p[1]), -ds * p[0]])
+        return chance + (1.0 - chance) * s - ys, np.stack([ds * (x - x0), -ds * k], axis=2)
 
     starts = list(itertools.product((0.3, 1.0, 3.0), np.quantile(x, [0.0, 0.5, 1.0]) + [-2.0, 0.0, 2.0]))
-    best = _lsq(residual, np.array(starts), lower, upper, np.ones(len(ys)))
+    best = _lsq(model, np.array(starts), lower, upper)
     samples, failed = None, None
     if n_boot:
         counts = count_weights(len(ys), n_boot, np.random.default_rng(seed),
                                groups=None if groups is None else np.asarray(groups)[keep])
-        samples, failed = _replicates(lambda w: _lsq(residual, [best.params], lower, upper, w), counts,
-                                      lambda m: len(np.unique(ns[m])) >= 2)
+        samples, failed = _replicates(model, best, counts, lambda m: len(np.unique(ns[m])) >= 2, lower, upper)
     extra = [] if ys.max() > chance + 0.01 else [f"accuracy never rises above chance ({chance:g})"]
     return SigmoidFit(k=float(best.params[0]), x0=float(best.params[1]), chance=chance, n_points=len(ys),
                       converged=best.converged, flags=_flag_and_warn(who, ("k", "x0"), best, failed, extra),
@@ -201,21 +207,21 @@ def fit_two_step_accuracy(loss, acc, *, N=None, data: pd.DataFrame | None = None
     lower = np.array([1e-6, -200.0, ls.min() - 5.0, 0.0])
     upper = np.array([1.0, -1e-4, ls.max() + 5.0, 1.0])
 
-    def residual(p):
-        s = _sigmoid(p[1] * (ls - p[2]))
-        ds = p[0] * s * (1.0 - s)
-        return p[0] * s + p[3] - ys, np.column_stack([s, ds * (ls - p[2]), -ds * p[1], np.ones_like(s)])
+    def model(P):
+        a, k, l0, b = (P[:, i:i + 1] for i in range(4))
+        s = _sigmoid(k * (ls - l0))
+        ds = a * s * (1.0 - s)
+        return a * s + b - ys, np.stack([s, ds * (ls - l0), -ds * k, np.ones_like(s)], axis=2)
 
     starts = [np.array([a, k, l0, max(0.0, ys.min() - 0.01)]) for a in (0.5, 1.0) for k in (-1.0, -5.0, -20.0)
               for l0 in np.quantile(ls, [0.25, 0.5, 0.75])]
-    best = _lsq(residual, starts, lower, upper, np.ones(len(ys)))
+    best = _lsq(model, starts, lower, upper)
     loss_fit = None if ns is None else fit_power_law(ns, ls, n_boot=n_boot, level=level, seed=seed)
     samples, failed = None, None
     if n_boot:
         # The same seed and points give the loss fit's replicates, so row i of both sample arrays is one replicate.
         counts = count_weights(len(ys), n_boot, np.random.default_rng(seed))
-        samples, failed = _replicates(lambda w: _lsq(residual, [best.params], lower, upper, w), counts,
-                                      lambda m: len(np.unique(ls[m])) >= 4)
+        samples, failed = _replicates(model, best, counts, lambda m: len(np.unique(ls[m])) >= 4, lower, upper)
     return TwoStepFit(a=float(best.params[0]), k=float(best.params[1]), L0=float(best.params[2]),
                       b=float(best.params[3]), n_points=len(ys), converged=best.converged,
                       flags=_flag_and_warn(who, ("a", "k", "L0", "b"), best, failed), samples=samples, level=level,

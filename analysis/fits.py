@@ -36,7 +36,7 @@ from analysis.bootstrap import DEFAULT_LEVEL, MAX_FAILED_FRACTION, Sampled, coun
 # this unconstrained fit.
 EXPONENT_RANGE = (1e-3, 3.0)
 MAX_LOG_COEF = 60.0
-BOOTSTRAP_STARTS = 5
+BOOTSTRAP_STARTS = 4
 
 
 class FitWarning(UserWarning):
@@ -108,14 +108,14 @@ class _Fitted:
 
 
 def _fit(log_x, log_y, starts, valid_replicate, *, n_boot, groups, seed, delta,
-         bootstrap_starts, bootstrap_full_grid) -> _Fitted:
-    best = huber_lse.fit_multistart(log_x, log_y, starts, delta=delta)
+         bootstrap_starts, bootstrap_full_grid, maxiter) -> _Fitted:
+    best = huber_lse.fit_multistart(log_x, log_y, starts, delta=delta, maxiter=maxiter)
     samples, failed = None, 0.0
     if n_boot:
         rng = np.random.default_rng(seed)
         counts = count_weights(len(log_y), n_boot, rng, groups=groups)
         boot_starts = starts if bootstrap_full_grid else huber_lse.distinct_best(best, bootstrap_starts)
-        rep = huber_lse.fit_multistart(log_x, log_y, boot_starts, counts.astype(float), delta=delta)
+        rep = huber_lse.fit_multistart(log_x, log_y, boot_starts, counts.astype(float), delta=delta, maxiter=maxiter)
         ok = rep.converged & np.all(np.isfinite(rep.params), axis=1)
         ok &= np.array([valid_replicate(c > 0) for c in counts])
         samples = np.where(ok[:, None], rep.params, np.nan)
@@ -257,7 +257,7 @@ def _describe(fit, formula: str) -> str:
 def fit_power_law(x, loss, *, data: pd.DataFrame | None = None, variable: str = "N", n_boot: int = 0,
                   level: float = DEFAULT_LEVEL, groups=None, seed: int = 0, delta: float = huber_lse.DELTA,
                   init_grid: np.ndarray | None = None, bootstrap_starts: int = BOOTSTRAP_STARTS,
-                  bootstrap_full_grid: bool = False) -> PowerLawFit:
+                  bootstrap_full_grid: bool = False, maxiter: int = 15000) -> PowerLawFit:
     """Fit L = E + A * x^-alpha (Chinchilla's procedure with one variable).
 
     ``x`` and ``loss`` are arrays or, with ``data``, column names. ``n_boot``
@@ -280,7 +280,7 @@ def fit_power_law(x, loss, *, data: pd.DataFrame | None = None, variable: str = 
     starts = huber_lse.paper_grid(1) if init_grid is None else np.asarray(init_grid, float)
     fitted = _fit(log_x, np.log(ys), starts, lambda m: len(np.unique(xs[m])) >= 3, n_boot=n_boot,
                   groups=groups, seed=seed, delta=delta, bootstrap_starts=bootstrap_starts,
-                  bootstrap_full_grid=bootstrap_full_grid)
+                  bootstrap_full_grid=bootstrap_full_grid, maxiter=maxiter)
     a, e, alpha = fitted.raw
     E, A = _exp(e), _exp(a)
     flags = _plausibility({"A": A}, {"alpha": alpha}, E, float(ys.min()))
@@ -307,7 +307,8 @@ def collinearity(log_n: np.ndarray, log_d: np.ndarray) -> float:
 
 def fit_chinchilla(N, D, loss, *, data: pd.DataFrame | None = None, n_boot: int = 0, level: float = DEFAULT_LEVEL,
                    groups=None, seed: int = 0, delta: float = huber_lse.DELTA, init_grid: np.ndarray | None = None,
-                   bootstrap_starts: int = BOOTSTRAP_STARTS, bootstrap_full_grid: bool = False) -> ChinchillaFit:
+                   bootstrap_starts: int = BOOTSTRAP_STARTS, bootstrap_full_grid: bool = False,
+                   maxiter: int = 15000) -> ChinchillaFit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta exactly as Hoffmann et al. (2022) App. D.2.
 
     ``N`` (parameters), ``D`` (tokens) and ``loss`` are arrays or, with
@@ -337,7 +338,8 @@ def fit_chinchilla(N, D, loss, *, data: pd.DataFrame | None = None, n_boot: int 
 
     starts = huber_lse.paper_grid(2) if init_grid is None else np.asarray(init_grid, float)
     fitted = _fit(log_x, np.log(ys), starts, valid, n_boot=n_boot, groups=groups, seed=seed,
-                  delta=delta, bootstrap_starts=bootstrap_starts, bootstrap_full_grid=bootstrap_full_grid)
+                  delta=delta, bootstrap_starts=bootstrap_starts, bootstrap_full_grid=bootstrap_full_grid,
+                  maxiter=maxiter)
     a, b, e, alpha, beta = fitted.raw
     E, A, B = _exp(e), _exp(a), _exp(b)
     flags = _plausibility({"A": A, "B": B}, {"alpha": alpha, "beta": beta}, E, float(ys.min()))

@@ -67,54 +67,47 @@ def _direction(g, S, Y, rho):
 
 
 def _line_search(fg, x, f, g, d, rows, t, c1, c2, max_steps):
-    """Backtracking Armijo search for every row; returns the new point, f, g and an ok-mask."""
+    """Armijo line search for every row; returns the new point, f, g and an ok-mask.
+
+    Rows whose first trial fails the sufficient-decrease test backtrack
+    (safeguarded quadratic interpolation); rows whose first trial passes but
+    still descend steeply (curvature condition g_new.d >= c2 g.d violated)
+    lengthen the step by 4x while the objective keeps falling. Without the
+    lengthening, runs whose L-BFGS steps are too short (kinks of the Huber
+    loss inflate the curvature pairs) crawl for thousands of iterations.
+    Both kinds of trial share one objective call per round.
+    """
     gd = _dot(g, d)
     with np.errstate(all="ignore"):
         x_new = x + t[:, None] * d
         f_new, g_new = fg(x_new, rows)
     ok = np.isfinite(f_new) & np.isfinite(g_new).all(axis=1) & (f_new <= f + c1 * t * gd)
-    todo = np.flatnonzero(~ok)
+    back = np.flatnonzero(~ok)
+    grow = np.flatnonzero(ok & (_dot(g_new, d) < c2 * gd))
     for _ in range(max_steps):
-        if not len(todo):
+        if not len(back) and not len(grow):
             break
-        # Minimizer of the quadratic through f(0), f'(0) and f(t), kept in [0.1 t, 0.5 t].
-        tb, ftb = t[todo], f_new[todo]
-        denom = 2.0 * (ftb - f[todo] - gd[todo] * tb)
+        tb, ftb = t[back], f_new[back]
+        denom = 2.0 * (ftb - f[back] - gd[back] * tb)
         with np.errstate(all="ignore"):
-            t_quad = np.where(np.isfinite(ftb) & (denom > 0), -gd[todo] * tb * tb / denom, 0.1 * tb)
-            t[todo] = np.clip(t_quad, 0.1 * tb, 0.5 * tb)
-            xt = x[todo] + t[todo, None] * d[todo]
-            ft, gt = fg(xt, rows[todo])
-        x_new[todo], f_new[todo], g_new[todo] = xt, ft, gt
-        good = np.isfinite(ft) & np.isfinite(gt).all(axis=1) & (ft <= f[todo] + c1 * t[todo] * gd[todo])
-        ok[todo[good]] = True
-        todo = todo[~good]
-    _expand(fg, x, f, d, gd, rows, t, x_new, f_new, g_new, ok, c1, c2, max_steps)
+            t_quad = np.where(np.isfinite(ftb) & (denom > 0), -gd[back] * tb * tb / denom, 0.1 * tb)
+        idx = np.concatenate([back, grow])
+        tt = np.concatenate([np.clip(t_quad, 0.1 * tb, 0.5 * tb), 4.0 * t[grow]])
+        with np.errstate(all="ignore"):
+            xt = x[idx] + tt[:, None] * d[idx]
+            ft, gt = fg(xt, rows[idx])
+        armijo = np.isfinite(ft) & np.isfinite(gt).all(axis=1) & (ft <= f[idx] + c1 * tt * gd[idx])
+        nb = len(back)
+        # Backtracking rows keep their latest trial (the next interpolation needs it).
+        t[back], x_new[back], f_new[back], g_new[back] = tt[:nb], xt[:nb], ft[:nb], gt[:nb]
+        ok[back[armijo[:nb]]] = True
+        # Growing rows move only to a better point.
+        acc = armijo[nb:] & (ft[nb:] < f_new[grow])
+        upd = grow[acc]
+        t[upd], x_new[upd], f_new[upd], g_new[upd] = tt[nb:][acc], xt[nb:][acc], ft[nb:][acc], gt[nb:][acc]
+        back = back[~armijo[:nb]]
+        grow = upd[_dot(gt[nb:][acc], d[upd]) < c2 * gd[upd]]
     return x_new, f_new, g_new, ok
-
-
-def _expand(fg, x, f, d, gd, rows, t, x_new, f_new, g_new, ok, c1, c2, max_steps):
-    """Lengthen accepted steps while the slope along d is still steep (curvature
-    condition g_new.d >= c2 g.d violated) and the objective keeps falling.
-
-    Without this a backtracking search never takes a step longer than the
-    L-BFGS guess, and runs whose guesses are too short (kinks of the Huber
-    loss inflate the curvature pairs) crawl for thousands of iterations.
-    Updates the arrays in place.
-    """
-    todo = np.flatnonzero(ok & (_dot(g_new, d) < c2 * gd))
-    for _ in range(max_steps):
-        if not len(todo):
-            break
-        tt = 4.0 * t[todo]
-        with np.errstate(all="ignore"):
-            xt = x[todo] + tt[:, None] * d[todo]
-            ft, gt = fg(xt, rows[todo])
-        better = (np.isfinite(ft) & np.isfinite(gt).all(axis=1) & (ft <= f[todo] + c1 * tt * gd[todo])
-                  & (ft < f_new[todo]))
-        upd = todo[better]
-        t[upd], x_new[upd], f_new[upd], g_new[upd] = tt[better], xt[better], ft[better], gt[better]
-        todo = upd[_dot(gt[better], d[upd]) < c2 * gd[upd]]
 
 
 def minimize_batch(fg: FunGrad, x0: np.ndarray, rows: np.ndarray | None = None, *, memory: int = 10,
