@@ -4,7 +4,7 @@ One tqdm bar measured in planned training FLOPs, so its ETA weighs big runs
 more than small ones; runs that are skipped (finished earlier, or taken by
 another driver) leave the total instead of counting as instant progress.
 Per-run start/finish lines are printed through ``tqdm.write`` so they stay
-readable in batch logs, where the bar itself is off.
+readable in batch logs, where the bar itself is off (stderr is not a terminal).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ class SweepProgress:
         self.base = 0.0  # FLOPs of finished runs
         self.started = 0.0
         total = sum(r.row["train_flops"] for r in runs) or 1.0
-        self.bar = tqdm(total=total, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
-                        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+        # disable=None: no bar when stderr is not a terminal (batch logs get the per-run lines only).
+        self.bar = tqdm(total=total, disable=None if enabled else True, dynamic_ncols=True, file=sys.stderr,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
         self._describe()
 
     def _describe(self) -> None:

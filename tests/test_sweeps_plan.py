@@ -125,3 +125,24 @@ def test_dry_run_with_a_shard_lists_only_that_shard(tmp_path, capsys):
     out = capsys.readouterr().out
     assert [r.name for r in runs if r.name in out] == [r.name for i, r in enumerate(runs) if i % 2 == 1]
     assert "shard 1/2" in out
+
+
+def test_twin_matched_by_multipliers_keeps_the_arm_width(tmp_path):
+    base = {"model": {"num_layers": 8, "head_dim": 32, "num_gqa_groups": 2, "ffn_dim_divisor": 32},
+            "train": {"steps": 10}}
+    runs = build_plan(load_grid(write_grid(tmp_path / "g.yaml", {"budget": {"kind": "params", "values": [3e6]},
+                                                                 "allocation": {"openelm": "openelm"}},
+                                           base=base, match={"twin": "multipliers"})))
+    arm, twin = runs
+    assert twin.is_twin and twin.config.model.model_dim == arm.config.model.model_dim
+    assert abs(twin.row["budget_rel_error"]) <= 0.01 and twin.row["is_uniform"]
+
+
+def test_without_a_budget_axis_the_twin_matches_the_arm_at_its_width(tmp_path):
+    base = {"model": {"num_layers": 4, "model_dim": 96, "head_dim": 16, "num_gqa_groups": 2, "ffn_dim_divisor": 16},
+            "train": {"steps": 10}}
+    runs = build_plan(load_grid(write_grid(tmp_path / "g.yaml", {"allocation": {"openelm": "openelm"}}, base=base)))
+    arm, twin = runs
+    assert arm.config.model.model_dim == 96 and arm.row["budget_rel_error"] == 0.0
+    assert arm.row["budget_kind"] == "params" and arm.row["budget"] == arm.row["params"] == twin.row["budget"]
+    assert abs(twin.row["params"] / arm.row["params"] - 1) <= 0.01
