@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,10 @@ def plot_bounds_heatmap(df: pd.DataFrame, diffs: pd.DataFrame, budget: float, me
         if pivot.empty:
             ax.set_axis_off()
             continue
-        sns.heatmap(pivot, annot=True, fmt=".3f", cmap=cmap, vmin=-lim, vmax=lim, center=0.0, ax=ax,
-                    cbar_kws={"label": f"{metric} arm - twin"})
+        with warnings.catch_warnings():  # seaborn 0.13 calls a colormap method matplotlib 3.11 deprecates
+            warnings.filterwarnings("ignore", "The set_bad function", PendingDeprecationWarning)
+            sns.heatmap(pivot, annot=True, fmt=".3f", cmap=cmap, vmin=-lim, vmax=lim, center=0.0, ax=ax,
+                        cbar_kws={"label": f"{metric} arm - twin"})
         ax.set_title(f"schedule {sched}, budget {budget:.3g}")
     return fig
 
