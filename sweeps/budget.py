@@ -125,7 +125,17 @@ def solve_width(shape: Callable[[int], ModelConfig], measure: Measure, target: f
             return fit
         if best is None or abs(fit.rel_error) < abs(best.rel_error):
             best = fit
-    raise BudgetError(f"no width within {tol:.2%} of the target", best)
+    near = [measure(shape(d)) for d in _near(d_star, min(steps), min_width, 2 * _NEAREST)]
+    raise BudgetError(f"no width within {tol:.2%} of the target{_nearest_budgets(near, target, tol)}", best)
+
+
+def _nearest_budgets(achieved: list[float], target: float, tol: float) -> str:
+    """'; nearest budgets it can meet: 5.99e+06 or 6.011e+06' from the sizes widths near the target give."""
+    # Width d meets any budget B with achieved/(1+tol) <= B <= achieved/(1-tol).
+    below = [a / (1 - tol) for a in achieved if a / (1 - tol) < target]
+    above = [a / (1 + tol) for a in achieved if a / (1 + tol) > target]
+    options = ([f"<= {max(below):.5g}"] if below else []) + ([f">= {min(above):.5g}"] if above else [])
+    return f"; nearest budgets it can meet: {' or '.join(options)}" if options else ""
 
 
 def uniform_model(template: ModelConfig, width: int, alpha: float, beta: float) -> ModelConfig:

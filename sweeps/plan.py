@@ -154,7 +154,7 @@ def _solve_cell(grid: Grid, cell: tuple[int, ...]) -> tuple[_Solved, _Solved | N
     steps = AUTO_STEPS if m.width_multiple == "auto" else (m.width_multiple,)
     target = grid.value(cell, "budget")
     budget_where = f"axes.budget.values[{cell[[a.name for a in grid.axes].index('budget')]}]" if target else "match"
-    shape_desc = cell_description(grid, cell, skip=("seed", "lr"))
+    shape_desc = cell_description(grid, cell, skip=_not_shaping(grid, kind))
     try:
         if target is not None:
             fit = solve_width(lambda d: apply_arm(arm, cfg0.model, d), measure, target, m.tolerance, steps,
@@ -176,6 +176,18 @@ def _solve_cell(grid: Grid, cell: tuple[int, ...]) -> tuple[_Solved, _Solved | N
         raise _CellError(budget_where, _budget_message(kind, target, f"the uniform twin of arm '{arm.name}'",
                                                        shape_desc, e, m.tolerance))
     return arm_run, _Solved(_finalize(cfg0, twin.model, tokens), TWIN, twin, target, kind, True)
+
+
+def _not_shaping(grid: Grid, kind: str) -> tuple[str, ...]:
+    """Axes that cannot change whether a budget is reachable (left out of its error, so it is said once)."""
+    def shapes(axis) -> bool:
+        if axis.kind in ("allocation", "budget") + ARM_PARTS or axis.name in ("num_layers", "head_dim"):
+            return True
+        if kind == "flops" and (axis.kind == "tokens" or any(p.startswith(("data.", "train.")) for p in axis.paths)):
+            return True
+        return any(p.startswith("model.") for p in axis.paths)
+
+    return tuple(a.name for a in grid.axes if not shapes(a))
 
 
 def _budget_message(kind: str, target: float, who: str, desc: str, e: BudgetError, tol: float) -> str:
