@@ -15,7 +15,6 @@ or a solver that stopped without converging is flagged with a FitWarning.
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ from scipy.optimize import least_squares
 
 from analysis.batch_lsq import levenberg_marquardt
 from analysis.bootstrap import DEFAULT_LEVEL, MAX_FAILED_FRACTION, Sampled, count_weights
-from analysis.fits import FitWarning, InsufficientDataError, PowerLawFit, column, fit_power_law, usable_points
+from analysis.fits import (FitWarning, InsufficientDataError, PowerLawFit, column, fit_power_law, labels,
+                           usable_points)
 
 
 def _sigmoid(z):
@@ -135,8 +135,9 @@ def fit_accuracy_sigmoid(N, acc, *, chance: float = 0.0, data: pd.DataFrame | No
     best = _lsq(model, np.array(starts), lower, upper)
     samples, failed = None, None
     if n_boot:
+        groups = labels(data, groups)
         counts = count_weights(len(ys), n_boot, np.random.default_rng(seed),
-                               groups=None if groups is None else np.asarray(groups)[keep])
+                               groups=None if groups is None else groups[keep])
         samples, failed = _replicates(model, best, counts, lambda m: len(np.unique(ns[m])) >= 2, lower, upper)
     extra = [] if ys.max() > chance + 0.01 else [f"accuracy never rises above chance ({chance:g})"]
     return SigmoidFit(k=float(best.params[0]), x0=float(best.params[1]), chance=chance, n_points=len(ys),

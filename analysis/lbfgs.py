@@ -9,11 +9,12 @@ history, step lengths and stopping test -- but the arithmetic of all runs
 still active is done in one batched numpy call.
 
 Algorithm per run: two-loop recursion over the last ``memory`` pairs with the
-usual ``s.y / y.y`` initial scaling, a backtracking Armijo line search with
-safeguarded quadratic interpolation, pairs with ``s.y <= eps * y.y`` skipped
-(this keeps the inverse-Hessian estimate positive definite without a Wolfe
-curvature search). Stopping tests mirror scipy's L-BFGS-B: max |gradient| <=
-``gtol`` or relative decrease <= ``ftol``; both count as converged.
+usual ``s.y / y.y`` initial scaling; an Armijo line search that backtracks by
+safeguarded quadratic interpolation and lengthens steps that still descend
+steeply (the Wolfe curvature condition); pairs with ``s.y <= eps * y.y``
+skipped, which keeps the inverse-Hessian estimate positive definite.
+Stopping tests mirror scipy's L-BFGS-B: max |gradient| <= ``gtol`` or
+relative decrease <= ``ftol``; both count as converged.
 """
 
 from __future__ import annotations

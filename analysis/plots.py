@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.compare import arm_labels, lower_is_better
 
@@ -131,7 +132,7 @@ def plot_bounds_heatmap(df: pd.DataFrame, diffs: pd.DataFrame, budget: float, me
     schedules = sorted(t["qkv_schedule"].astype(str).unique()) or ["-"]
     fig, axes = _figure(ncols=len(schedules), width=4.8, height=4.0)
     lim = float(np.nanmax(np.abs(t["diff"]))) if len(t) and np.isfinite(t["diff"]).any() else 1.0
-    cmap = "RdBu" if lower_is_better(metric) else "RdBu_r"  # blue = better for the arm either way
+    cmap = "RdBu_r" if lower_is_better(metric) else "RdBu"  # blue = better for the arm either way
     for ax, sched in zip(axes[0], schedules):
         pivot = t[t["qkv_schedule"].astype(str) == sched].pivot_table(index="alpha bounds", columns="beta bounds",
                                                                       values="diff", aggfunc="mean")
@@ -182,6 +183,8 @@ def plot_allocation(df: pd.DataFrame, budget: float | None = None) -> Figure:
         ax_h.plot(depth, q, "o-", color=colors[r.label], label=f"{r.label} (query)")
         ax_h.plot(depth, kv, ".--", color=colors[r.label], alpha=0.7)
         ax_f.plot(depth, ffn, "o-", color=colors[r.label], label=r.label)
+    for ax in (ax_h, ax_f):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = "" if budget is None else f" (budget {budget:.3g})"
     ax_h.set(xlabel="layer", ylabel="heads (solid: query, dashed: KV)", title="attention heads" + title)
     ax_f.set(xlabel="layer", ylabel="FFN width", title="FFN width" + title)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.bootstrap import count_weights
 from analysis.fits import FitWarning, InsufficientDataError, fit_chinchilla, fit_power_law
 from analysis.huber_lse import paper_grid
 
@@ -202,7 +203,12 @@ def test_bands_and_derived_numbers_come_from_the_same_draws():
 
 def test_grouped_bootstrap_moves_seeds_together():
     x, y = power_law_data(6, seeds=3)
-    groups = np.repeat(np.arange(6), 3)  # all seeds of one size form a group
-    fit = fit_power_law(x, y, n_boot=100, groups=groups)
+    df = pd.DataFrame({"N": x, "L": y, "config": [f"size-{i // 3}" for i in range(len(x))]})
+    fit = fit_power_law("N", "L", data=df, n_boot=100, groups="config")  # all seeds of one size form a group
+    same = fit_power_law(x, y, n_boot=100, groups=np.repeat(np.arange(6), 3))
+    np.testing.assert_array_equal(fit.samples, same.samples)
     assert fit.samples.shape == (100, 3)
     assert np.isfinite(fit.samples).all(axis=1).mean() > 0.5
+    # whole groups drawn: every replicate has a multiple of 3 points of each size
+    counts = count_weights(len(x), 100, np.random.default_rng(0), groups=df["config"])
+    assert (counts.reshape(100, 6, 3).std(axis=2) == 0).all()
