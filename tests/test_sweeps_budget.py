@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 
 import pytest
 
@@ -130,8 +131,6 @@ def test_unreachable_budgets_raise_with_the_closest_candidate():
         solve_width(lambda d: apply_arm(arm, model, d), measure, 2e5, TOL, min_width=16)
     assert e.value.best.model.model_dim == 70 and abs(e.value.best.rel_error) > TOL
     # The budgets the error suggests are met.
-    import re
-
     below, above = map(float, re.search(r"can meet: <= (\S+) or >= (\S+)", str(e.value)).groups())
     assert below < 2e5 < above
     for budget in (below * 0.9999, above * 1.0001):
