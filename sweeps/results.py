@@ -23,6 +23,8 @@ from sweeps.rows import PLAN_COLUMNS, RUN_COLUMNS
 
 PARQUET, CSV = "results.parquet", "results.csv"
 _LOCK = ".results.lock"
+_UMASK = os.umask(0o022)  # read once, at import (setting it is process-wide), and put back
+os.umask(_UMASK)
 _INT_COLUMNS = ("final_step", "tokens_seen", "seed", "num_layers", "model_dim", "head_dim", "num_gqa_groups",
                 "params", "non_embedding_params", "flops_per_token", "tokens", "seq_len", "batch_size")
 
@@ -103,9 +105,7 @@ def _replace(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; collaborators on a shared disk must read it
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; collaborators on a shared disk must read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
