@@ -67,7 +67,8 @@ class _Ctx:
 
 
 def _fit_cell(fit, name: str) -> str:
-    return with_interval(*(lambda i: (i.estimate, i.low, i.high))(fit.interval(name)))
+    iv = fit.interval(name)
+    return with_interval(iv.estimate, iv.low, iv.high)
 
 
 def _section(title: str, body: Callable[[], str]) -> str:
@@ -112,7 +113,7 @@ def _comparison(ctx: _Ctx, metric: str) -> str:
                     "relative": [f"{v:+.2%}" if math.isfinite(v) else "–" for v in d["rel_diff"]]})
     cols = ["arm", "budget", "n_pairs", "arm - twin", "relative", "arm_mean", "twin_mean", "verdict", "note"]
     text = (f"Paired difference of final `{metric}` between each arm and its uniform twin (same budget and seed), "
-            f"averaged over seeds; {int(100 * 0.95)}% bootstrap interval over seeds.\n\n" + table(t[cols]))
+            "averaged over seeds; 95% bootstrap interval over seeds.\n\n" + table(t[cols]))
     if np.isfinite(d["diff"]).any():
         text += "\n\n" + ctx.figure(plots.plot_differences(d, metric), f"diff_{metric.replace('.', '_')}",
                                     f"{metric}: arm minus uniform twin per budget")
