@@ -228,12 +228,14 @@ def _multiplier_row(fit: PowerLawFit, size, arm, budget, a: pd.DataFrame, metric
     if fit.samples is not None and len(values) > 0:
         boot_loss = values[rng.integers(0, len(values), size=(len(fit.samples), len(values)))].mean(axis=1)
         s = fit.samples
+        fitted = np.isfinite(s).all(axis=1)  # failed replicates are counted by the fit's own flags
         with np.errstate(all="ignore"):
             gap = boot_loss - s[:, 0]
             draws = np.where(gap > 0, (s[:, 1] / gap) ** (1.0 / s[:, 2]), np.nan) / x_arm
         low, high = percentile_interval(draws, level)
-        if np.mean(~np.isfinite(draws)) > 0.05:
-            notes.append(f"{np.mean(~np.isfinite(draws)):.0%} of replicates put the arm below the fit's E")
+        below = float(np.mean(gap[fitted] <= 0)) if fitted.any() else 0.0
+        if below > 0.05:
+            notes.append(f"{below:.0%} of replicates put the arm at or below the fit's E (no finite multiplier)")
     if not math.isfinite(x_eff):
         notes.append(f"arm loss {mean:.4g} is at or below the uniform fit's E={fit.E:.4g}: no finite multiplier")
     elif not fit.x_range[0] <= x_eff <= fit.x_range[1]:
@@ -241,7 +243,7 @@ def _multiplier_row(fit: PowerLawFit, size, arm, budget, a: pd.DataFrame, metric
     if len(values) == 1:
         notes.append("single seed")
     if fit.flags:
-        notes.append("uniform fit flagged: " + "; ".join(fit.flags))
+        notes.append(f"uniform fit flagged ({len(fit.flags)} flag(s), listed with the fit)")
     return {"size": size, "arm": arm, "budget": budget, "n_seeds": len(values),
             "arm_size": x_arm, "arm_mean": mean, "effective_size": x_eff, "multiplier": x_eff / x_arm,
             "low": low, "high": high, "note": "; ".join(notes)}
