@@ -100,6 +100,18 @@ def write_results(sweep_dir: str | Path, wait_s: float = 60.0) -> Path:
     return sweep_dir / PARQUET
 
 
+def read_results(sweep_dir: str | Path):
+    """results.parquet as a DataFrame, safe while drivers rewrite it.
+
+    The file is replaced atomically, but pyarrow opens a path more than once
+    (footer, then pages), so a rewrite in between would mix two files; one
+    open file handle always sees one complete version."""
+    import pandas as pd
+
+    with open(Path(sweep_dir) / PARQUET, "rb") as f:
+        return pd.read_parquet(f)
+
+
 def _replace(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

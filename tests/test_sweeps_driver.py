@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from elmjax import run_dir as rd
 from sweeps import run
 from sweeps.grid import load_grid
 from sweeps.plan import build_plan
-from sweeps.results import PARQUET
+from sweeps.results import PARQUET, read_results
 from sweep_helpers import TINY_BASE, write_grid
 
 STEPS = 48
@@ -49,7 +48,7 @@ def train_steps(run_dir):
 
 
 def results(sweep_dir):
-    return pd.read_parquet(sweep_dir / PARQUET)
+    return read_results(sweep_dir)
 
 
 def launch(grid, out, log):

@@ -11,7 +11,7 @@ from elmjax import run_dir as rd
 from sweeps.driver import prepare
 from sweeps.grid import load_grid
 from sweeps.locks import FileLock, run_lock_path
-from sweeps.results import CSV, PARQUET, write_results
+from sweeps.results import CSV, PARQUET, read_results, write_results
 from sweep_helpers import write_grid
 
 CONTRACT = [
@@ -74,7 +74,7 @@ def test_concurrent_rewrites_are_atomic_and_never_lose_rows(sweep):
         rd.write_final(r.config.run_dir, FINAL)
         rd.write_status(r.config.run_dir, "done")
     while any(p.poll() is None for p in procs):
-        df = pd.read_parquet(sweep_dir / PARQUET)  # a reader never sees a half-written file
+        df = read_results(sweep_dir)  # a reader never sees a half-written (or mixed) file
         assert len(df) == len(runs) and df["run"].is_unique
         reads += 1
     assert all(p.returncode == 0 for p in procs) and reads > 0
