@@ -49,6 +49,7 @@ class Options:
     progress: bool = True
     stale_after_s: float = STALE_AFTER_S
     heartbeat_s: float = HEARTBEAT_S
+    shard_index: int = -1  # this driver's shard (-1: none); all processes of a multi-host run must agree
 
 
 @dataclass
@@ -101,6 +102,19 @@ def _agree(code: int, count: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
 
 
+def _check_same_shard(index: int, count: int) -> None:
+    """Every process of a multi-host run must run the same shard, or they would wait on each other forever."""
+    if count == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    seen = sorted({int(x) for x in np.ravel(multihost_utils.process_allgather(np.int32(index)))})
+    if len(seen) > 1:
+        raise RuntimeError(f"the processes of this multi-host run are on different shards {seen}; "
+                           "JOB_COMPLETION_INDEX numbers the hosts of a slice, not shards: pass --shard I/N")
+
+
 def _decide(run: PlannedRun, opts: Options) -> tuple[int, FileLock | None]:
     run_dir = Path(run.config.run_dir)
     state = rd.read_status(run_dir)["state"]
@@ -145,6 +159,7 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
     """Train this driver's runs (already located by ``prepare``); see the module docstring."""
     index, count = _process()
     lead = index == 0
+    _check_same_shard(opts.shard_index, count)
     summary = Summary()
     if lead:
         write_results(sweep_dir)

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     where = f", {shard}: {len(todo)} of them" if shard else ""
     print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")
     opts = Options(retry_failed=args.retry_failed, progress=not args.no_progress,
-                   stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4))
+                   stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
+                   shard_index=shard.index if shard else -1)
     try:
         summary = run_sweep(todo, sweep_dir, opts)
     except KeyboardInterrupt as e:

@@ -218,3 +218,25 @@ def test_a_multi_host_sweep_trains_each_run_once_across_processes(tmp_path):
         assert all(f"{name}: training" in log for log in logs)  # both processes trained it, together
     logs = launch_all("again")  # process 0 sees them done; process 1 follows its decision
     assert all(log.count(": already done") == 2 for log in logs)
+
+
+def test_processes_of_one_multi_host_run_on_different_shards_stop_with_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "batch_size": 8}, "mesh": {"data": -1}, "compilation_cache": ""}
+    grid = write_grid(tmp_path / "mh.yaml", {"seed": [0, 1]}, base=base)
+    procs = []
+    for pid in range(2):  # a Kubernetes Indexed Job numbering the hosts of one slice
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   ELMJAX_COORDINATOR=f"127.0.0.1:{port}", ELMJAX_NUM_PROCESSES="2", ELMJAX_PROCESS_ID=str(pid),
+                   JOB_COMPLETION_INDEX=str(pid), ELMJAX_SHARD_COUNT="2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "sweeps.run", str(grid), "--out", str(tmp_path / "out"),
+                                       "--no-progress", "--no-report"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert all("on different shards [0, 1]" in out for out in outputs), outputs
+    assert not list((tmp_path / "out" / "runs").glob("*/status.json"))  # nothing trained
