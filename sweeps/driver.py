@@ -13,7 +13,9 @@ A run that raises (including out-of-memory errors) is recorded as
 ``failed`` with its error, and the sweep goes on. SIGINT/SIGTERM stop the
 sweep after the trainer has saved a checkpoint (the run goes back to
 ``pending``); rerunning the same command picks up where it stopped.
-``results.parquet`` is rebuilt after every run.
+``results.parquet`` is rebuilt after every run. With ``eval: {tasks: [...]}``
+in the grid, every finished run is also scored on those task files
+(``sweeps.evals``), including runs finished by earlier invocations.
 
 Multi-host runs: when ``jax.distributed`` is initialised (see
 ``elmjax.distributed``), every process of the slice runs this same driver;
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmjax import config_io, run_dir as rd
+from sweeps.evals import EvalSpec, evaluate_run, needs_eval
 from sweeps.grid import Grid
 from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, run_lock_path
 from sweeps.plan import PlannedRun, write_plan
@@ -50,6 +53,7 @@ class Options:
     stale_after_s: float = STALE_AFTER_S
     heartbeat_s: float = HEARTBEAT_S
     shard_index: int = -1  # this driver's shard (-1: none); all processes of a multi-host run must agree
+    eval: EvalSpec = EvalSpec()  # downstream tasks to score finished runs on
 
 
 @dataclass
@@ -151,6 +155,26 @@ def _train(run: PlannedRun, progress: SweepProgress, lead: bool) -> tuple[str, s
     return "done", f": val_loss {result.final['val_loss']:.4f}" if result.final else ""
 
 
+def _evaluate(run: PlannedRun, spec: EvalSpec, progress: SweepProgress) -> bool:
+    """Score a finished run on the grid's tasks if it lacks those scores; True if it was scored.
+
+    A failed evaluation is reported and leaves the run done: the scores are
+    retried on the next invocation."""
+    if not needs_eval(run.config.run_dir, spec):
+        return False
+    try:
+        record = evaluate_run(run.config.run_dir, spec)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - the trained run is safe; only its scores are missing
+        traceback.print_exc()
+        progress.write(f"warning: evaluating {run.name} failed ({type(e).__name__}: {e}); rerun to retry")
+        return False
+    scores = ", ".join(f"{t} acc {r['acc']:.3f}" for t, r in record["tasks"].items())
+    progress.write(f"    {run.name}: {scores}")
+    return True
+
+
 def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
@@ -172,6 +196,8 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
             if code != _TRAIN:
                 summary.add(f"skipped ({_SKIP_REASON[code].split(' (')[0]})")
                 progress.skip(run, _SKIP_REASON[code])
+                if code == _DONE and lead and _evaluate(run, opts.eval, progress):
+                    write_results(sweep_dir)
                 continue
             progress.start(run)
             try:
@@ -186,6 +212,8 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
                     write_results(sweep_dir)
             summary.add(state)
             progress.finish(run, state, detail)
+            if state == "done" and lead and _evaluate(run, opts.eval, progress):
+                write_results(sweep_dir)
     finally:
         progress.close()
         if old_handler is not None:

@@ -13,6 +13,7 @@ A grid is a YAML mapping::
     zip: [[lr, optimizer.warmup_steps]]             # axes that vary together
     exclude: [{allocation: mine, seed: 1}]          # drop matching cells
     match: {tolerance: 0.01, twin: width, width_multiple: auto, kind: params}
+    eval: {tasks: [arc_easy.jsonl]}                 # score every finished run (sweeps.evals)
 
 First-class axes: ``allocation`` (or ``alpha`` / ``beta`` / ``schedule``,
 which build arms from bounds), ``budget``, ``tokens``, ``num_layers``,
@@ -35,10 +36,11 @@ from elmjax.config import Config
 from elmjax.config_io import ConfigError, suggest
 from sweeps.arms import Arm
 from sweeps.axes import ARM_PARTS, SWEEP_OWNED, Axis, check_conflicts, parse_axis
+from sweeps.evals import EvalSpec, check_tasks
 from sweeps.expand import check_duplicates, parse_exclude, parse_zip
 from sweeps.problems import GridError, Problems
 
-TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match")
+TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match", "eval")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Grid:
     excludes: tuple[dict, ...]  # axis name -> frozenset of value indices
     match: Match
     budget_kind: str | None
+    eval: EvalSpec = EvalSpec()  # downstream tasks scored on every finished run
 
     def axis(self, name: str) -> Axis | None:
         return next((a for a in self.axes if a.name == name), None)
@@ -103,10 +106,22 @@ def load_grid(path: str | Path) -> Grid:
     zips = parse_zip(raw.get("zip", []), axes, errors)
     check_duplicates(axes, zips, errors)
     excludes = parse_exclude(raw.get("exclude", []), axes, errors)
+    evals = _parse_eval(raw.get("eval", {}), errors)
     errors.raise_if_any()
     budget = next((a for a in axes if a.kind == "budget"), None)
     return Grid(str(path), name, path.read_text(), base, axes, zips, excludes, match,
-                budget.unit if budget else None)
+                budget.unit if budget else None, evals)
+
+
+def _parse_eval(value, errors: Problems) -> EvalSpec:
+    try:
+        spec = config_io.from_dict(EvalSpec, value or {}, source=None, path="eval")
+    except ConfigError as e:
+        errors.add_located(str(e))
+        return EvalSpec()
+    for problem in check_tasks(spec):
+        errors.add_located(problem)
+    return spec
 
 
 def _duplicate_keys(node, path: str = "") -> list[str]:

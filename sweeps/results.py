@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from elmjax import run_dir as rd
+from sweeps.evals import eval_columns
 from sweeps.locks import FileLock, holder
 from sweeps.plan import read_plan
 from sweeps.rows import PLAN_COLUMNS, RUN_COLUMNS
@@ -41,11 +42,8 @@ def run_columns(run_dir: Path) -> dict:
     out = {"status": state, "error": error,
            **{k: final.get(k) for k in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s")},
            "final_step": final.get("step"), "tokens_seen": final.get("tokens")}
-    for key, value in final.items():  # downstream evaluations, e.g. {"eval": {"hellaswag": {"acc": ...}}}
-        if key == "eval" and isinstance(value, dict):
-            for task, scores in value.items():
-                for name, score in (scores.items() if isinstance(scores, dict) else ()):
-                    out[f"eval.{task}.{name}"] = score
+    if state == "done":
+        out.update(eval_columns(run_dir))  # eval.<task>.acc / acc_norm of the grid's eval tasks
     return out
 
 

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")
     opts = Options(retry_failed=args.retry_failed, progress=not args.no_progress,
                    stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
-                   shard_index=shard.index if shard else -1)
+                   shard_index=shard.index if shard else -1, eval=grid.eval)
     try:
         summary = run_sweep(todo, sweep_dir, opts)
     except KeyboardInterrupt as e:

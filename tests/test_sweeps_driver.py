@@ -143,6 +143,30 @@ def test_two_drivers_on_one_sweep_never_train_the_same_run(reference, grid, tmp_
     assert df.set_index("run")["val_loss"].to_dict() == pytest.approx(ref.to_dict(), rel=1e-5)
 
 
+def test_eval_tasks_score_finished_runs_without_retraining(reference, grid, tmp_path, capsys):
+    import yaml
+
+    from sweeps.evals import read_eval
+
+    task = tmp_path / "toy.jsonl"
+    questions = [("def f(x):\n    return", [" x", " {"]), ("import", [" os", " )"]), ("for i in", [" range(3):", " ]"])]
+    task.write_text("".join(json.dumps({"context": c, "choices": ch, "gold": 0}) + "\n" for c, ch in questions))
+    spec = yaml.safe_load(grid.read_text())
+    with_eval = write_grid(tmp_path / "tiny.yaml", spec["axes"], base=spec["base"], name=spec["name"],
+                           eval={"tasks": [str(task)]})
+    metrics = {p: p.read_text() for p in reference.glob("runs/*/metrics.jsonl")}
+    assert run.main([str(with_eval), "--out", str(reference), "--no-progress", "--no-report"]) == 0
+    assert capsys.readouterr().out.count(": toy acc ") == 2
+    df = results(reference)
+    assert df["eval.toy.acc"].between(0, 1).all() and df["eval.toy.acc_norm"].notna().all()
+    assert {p: p.read_text() for p in reference.glob("runs/*/metrics.jsonl")} == metrics  # not retrained
+    for name in df["run"]:
+        assert read_eval(reference / "runs" / name)["tasks"]["toy"]["n"] == len(questions)
+    stamps = {p: p.stat().st_mtime_ns for p in reference.glob("runs/*/eval.json")}
+    assert run.main([str(with_eval), "--out", str(reference), "--no-progress", "--no-report"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in reference.glob("runs/*/eval.json")} == stamps  # not scored twice
+
+
 def make_jsonl(path: Path, docs: int = 300) -> None:
     import sysconfig
 

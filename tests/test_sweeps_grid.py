@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 
 from elmjax.layout import param_counts, train_flops_per_token
 from sweeps.expand import expand
@@ -94,3 +96,19 @@ def test_token_budgets(tmp_path):
     assert flops_run.config.train.tokens == round(2e10 / fpt)
     # The table reports what the trainer will train: whole steps.
     assert flops_run.row["tokens"] % (32 * 4) == 0 and abs(flops_run.row["train_flops"] - 2e10) <= fpt * 32 * 4
+
+
+def test_eval_task_files_are_checked_when_the_grid_loads(tmp_path):
+    from sweeps.problems import GridError
+
+    good = tmp_path / "toy.jsonl"
+    good.write_text('{"context": "1 + 1 =", "choices": [" 2", " 3"], "gold": 0}\n')
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"context": "x", "choices": [" a"], "gold": 3}\n')
+    grid = load_grid(write_grid(tmp_path / "g.yaml", {"seed": [0]}, eval={"tasks": [str(good)]}))
+    assert grid.eval.tasks == (str(good),)
+    with pytest.raises(GridError) as e:
+        load_grid(write_grid(tmp_path / "g.yaml", {"seed": [0]}, eval={"tasks": [str(good), str(bad), str(good)]}))
+    msg = str(e.value)
+    assert "eval.tasks[1]:" in msg and "broken.jsonl" in msg
+    assert "eval.tasks[2]: task name 'toy' (the file stem) is also eval.tasks[0]" in msg

@@ -146,3 +146,18 @@ def test_without_a_budget_axis_the_twin_matches_the_arm_at_its_width(tmp_path):
     assert arm.config.model.model_dim == 96 and arm.row["budget_rel_error"] == 0.0
     assert arm.row["budget_kind"] == "params" and arm.row["budget"] == arm.row["params"] == twin.row["budget"]
     assert abs(twin.row["params"] / arm.row["params"] - 1) <= 0.01
+
+
+def test_planning_and_status_never_import_jax(tmp_path):
+    import subprocess
+    import sys
+
+    grid = next(g for g in GRIDS if g.stem == "openelm_ladder")
+    code = ("import sys; from sweeps import run, status; from sweeps.grid import load_grid; "
+            "from sweeps.plan import build_plan; from sweeps.results import build_table\n"
+            f"build_plan(load_grid({str(grid)!r}))\n"
+            "assert run.main([" + repr(str(grid)) + ", '--dry-run']) == 0\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'grain', 'orbax')]\n"
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
