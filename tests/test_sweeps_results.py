@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,8 +23,7 @@ CONTRACT = [
     "val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "final_step", "tokens_seen", "wall_time_s",
 ]
 FINAL = {"step": 20, "tokens": 2560, "val_loss": 2.0, "val_ppl": 7.389, "val_bpb": 2.9, "val_acc": 0.4,
-         "train_loss": 2.1, "wall_time_s": 12.5, "params": 1, "non_embedding_params": 1, "flops_per_token": 1,
-         "eval": {"toy": {"acc": 0.5, "acc_norm": 0.6}}}
+         "train_loss": 2.1, "wall_time_s": 12.5, "params": 1, "non_embedding_params": 1, "flops_per_token": 1}
 
 
 @pytest.fixture()
@@ -40,6 +40,8 @@ def test_table_follows_the_contract_and_the_run_directories(sweep):
     d = [r.config.run_dir for r in runs]
     rd.write_final(d[0], FINAL)
     rd.write_status(d[0], "done", step=20, total_steps=20)
+    eval_record = {"files": ["/x/toy.jsonl"], "tasks": {"toy": {"acc": 0.5, "acc_norm": 0.6, "n": 4}}}
+    (Path(d[0]) / "eval.json").write_text(json.dumps(eval_record))  # as sweeps.evals writes it
     rd.write_status(d[1], "failed", error="RuntimeError: RESOURCE_EXHAUSTED: out of memory")
     rd.write_status(d[2], "diverged", step=4, error="non-finite loss or gradient at step 4")
     lock = FileLock.acquire(run_lock_path(d[3]), heartbeat_s=0)
