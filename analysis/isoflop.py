@@ -101,7 +101,7 @@ def fit_isoflop(C, N, loss, D=None, *, data: pd.DataFrame | None = None, n_boot:
     sizes = {c: len(np.unique(ns[cs == c])) for c in budgets}
     usable = [c for c in budgets if sizes[c] >= 3]
     if not usable:
-        raise InsufficientDataError(f"fit_isoflop: no FLOP budget has 3 or more model sizes (sizes per budget: "
+        raise InsufficientDataError("fit_isoflop: no FLOP budget has 3 or more model sizes (sizes per budget: "
                                     + ", ".join(f"{c:.3g}: {k}" for c, k in sizes.items()) + ")")
     log_n = np.log(ns)
 

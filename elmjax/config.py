@@ -120,3 +120,25 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+# Fields that do not change what a run computes: where it lives, and what may
+# change when it resumes (mesh shape, checkpointing, logging cadence). A run
+# directory is resumed only by a config with the same identity, and sweeps
+# hash the identity into run names.
+NOT_IDENTITY = ("run_dir", "name", "mesh", "compilation_cache", "checkpoint",
+                "train.progress", "train.log_every", "train.eval_every")
+
+
+def identity(cfg: Config) -> dict:
+    """The part of a config that identifies a run, as a plain dict."""
+    from elmjax.config_io import to_dict
+
+    d = to_dict(cfg)
+    for key in NOT_IDENTITY:
+        section, _, field = key.partition(".")
+        if field:
+            d[section].pop(field, None)
+        else:
+            d.pop(section, None)
+    return d

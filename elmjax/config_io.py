@@ -244,20 +244,38 @@ def load(cls: type, path: str | os.PathLike | None = None, overrides: typing.Seq
     return from_dict(cls, raw, source=source)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half of one."""
+# Read once at import: setting the umask is process-wide, and briefly changing
+# it while other threads (async checkpoint writers) create files is a race.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | os.PathLike, write: typing.Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, then move the file onto ``path`` atomically:
+    readers see the old or the new file, never half of one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        # mkstemp makes the file 0600; give it the mode a plain open() would,
+        # so collaborators on a shared disk can read run files.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def dump_yaml(obj: Any) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 
 from elmjax import config_io, run_dir as rd
 from elmjax.checkpoint import Checkpointer
-from elmjax.config import Config
+from elmjax.config import Config, identity
 from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
 from elmjax.distributed import maybe_initialize
 from elmjax.hardware import mfu
@@ -40,8 +40,6 @@ from elmjax.train_step import TrainState, abstract_model, init_params, make_eval
 
 log = logging.getLogger("elmjax.train")
 
-# Config fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = ("mesh", "compilation_cache", "checkpoint", "train.progress", "train.log_every", "train.eval_every")
 
 
 @dataclass(frozen=True)
@@ -65,24 +63,13 @@ def setup_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _comparable(cfg: Config) -> dict:
-    d = config_io.to_dict(cfg)
-    for key in _RESUMABLE_CHANGES:
-        section, _, field = key.partition(".")
-        if field:
-            d[section].pop(field, None)
-        else:
-            d.pop(section, None)
-    return d
-
-
 def _prepare_run_dir(config: Config) -> Path | None:
     """Check a resumed directory belongs to this config; None if already done."""
     path = Path(config.run_dir)
     saved = path / "config.yaml"
     if saved.exists():
         old = config_io.load(Config, saved)
-        if _comparable(old) != _comparable(config):
+        if identity(old) != identity(config):
             raise config_io.ConfigError(
                 f"{saved}: this run directory holds a run with a different config; "
                 "use another run_dir (or delete this one) to start a new run"

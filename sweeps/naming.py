@@ -2,7 +2,7 @@
 
 The hash covers everything that changes what a run computes. It leaves out
 where the run lives (run_dir, name) and the settings the trainer lets a run
-change when it resumes (``elmjax.train._RESUMABLE_CHANGES``: mesh,
+change when it resumes (``elmjax.config.NOT_IDENTITY``: mesh,
 compilation cache, checkpointing, progress and logging cadence), so moving a
 sweep from one GPU to a pod slice, or checkpointing more often, keeps every
 run's name and its checkpoints. Pure Python.
@@ -14,12 +14,8 @@ import hashlib
 import json
 import re
 
-from elmjax import config_io
-from elmjax.config import Config
+from elmjax.config import Config, identity
 
-# Mirrors elmjax.train._RESUMABLE_CHANGES (not imported: train pulls in JAX).
-_NOT_HASHED = ("run_dir", "name", "mesh", "compilation_cache", "checkpoint",
-               "train.progress", "train.log_every", "train.eval_every")
 MAX_LABEL = 80
 
 
@@ -33,14 +29,7 @@ def compact_number(x: float) -> str:
 
 def hashed_view(cfg: Config) -> dict:
     """The part of a config that identifies a run."""
-    d = config_io.to_dict(cfg)
-    for key in _NOT_HASHED:
-        section, _, field = key.partition(".")
-        if field:
-            d[section].pop(field, None)
-        else:
-            d.pop(section, None)
-    return d
+    return identity(cfg)
 
 
 def config_hash(cfg: Config) -> str:

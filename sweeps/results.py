@@ -10,13 +10,12 @@ are replaced atomically (temporary file + ``os.replace``).
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from elmjax import run_dir as rd
+from elmjax.config_io import atomic_write
 from sweeps.evals import eval_columns
 from sweeps.locks import FileLock, holder
 from sweeps.plan import read_plan
@@ -24,8 +23,6 @@ from sweeps.rows import PLAN_COLUMNS, RUN_COLUMNS
 
 PARQUET, CSV = "results.parquet", "results.csv"
 _LOCK = ".results.lock"
-_UMASK = os.umask(0o022)  # read once, at import (setting it is process-wide), and put back
-os.umask(_UMASK)
 _INT_COLUMNS = ("final_step", "tokens_seen", "seed", "num_layers", "model_dim", "head_dim", "num_gqa_groups",
                 "params", "non_embedding_params", "flops_per_token", "tokens", "seq_len", "batch_size")
 
@@ -90,8 +87,8 @@ def write_results(sweep_dir: str | Path, wait_s: float = 60.0) -> Path:
             time.sleep(0.05)
     try:
         df = build_table(sweep_dir)
-        _replace(sweep_dir / PARQUET, lambda p: df.to_parquet(p, index=False))
-        _replace(sweep_dir / CSV, lambda p: df.to_csv(p, index=False))
+        atomic_write(sweep_dir / PARQUET, lambda p: df.to_parquet(p, index=False))
+        atomic_write(sweep_dir / CSV, lambda p: df.to_csv(p, index=False))
     finally:
         if lock is not None:
             lock.release()
@@ -110,13 +107,3 @@ def read_results(sweep_dir: str | Path):
         return pd.read_parquet(f)
 
 
-def _replace(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; collaborators on a shared disk must read it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

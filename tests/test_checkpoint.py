@@ -4,7 +4,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from elmjax.checkpoint import Checkpointer, CheckpointError, load_model
 from elmjax.hf_interop import save_pretrained

@@ -15,7 +15,7 @@ from elmjax.layout import (
     train_flops_per_token,
     forward_flops_per_token,
 )
-from elmjax.model_config import PRESETS, ModelConfig, preset
+from elmjax.model_config import ModelConfig, preset
 
 PUBLISHED_TOTALS = {
     "OpenELM-270M": 271_527_168,

@@ -4,7 +4,6 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from flax import nnx  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from elmjax.evaluate import evaluate_tasks  # noqa: E402
