@@ -64,6 +64,18 @@ def _curve(fit, x):
     return y, band
 
 
+def _clip_y(ax, values: np.ndarray) -> None:
+    """Keep the y-axis on the data and fitted curves: a poorly determined fit's
+    bootstrap band can span orders of magnitude and would flatten everything
+    else into a line (the band is still drawn, just cut at the frame)."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.5 * max(hi - lo, 1e-3 * max(abs(hi), 1e-12))
+    ax.set_ylim(lo - pad, hi + pad)
+
+
 def plot_scaling(df: pd.DataFrame, metric: str = "val_loss", size: str = "params", fits: dict | None = None,
                  title: str | None = None) -> Figure:
     """Finished runs' ``metric`` against ``size`` (log x), one colour per arm, fitted curves with bands.
@@ -78,6 +90,7 @@ def plot_scaling(df: pd.DataFrame, metric: str = "val_loss", size: str = "params
     if len(data):
         sns.scatterplot(data=data.assign(arm=data["arm"].astype(str)), x=size, y=metric, hue="arm",
                         style="arm", palette=colors, ax=ax, s=40)
+    shown = [pd.to_numeric(data[metric]).to_numpy(float)]
     for arm, fit in (fits or {}).items():
         sub = data[data["arm"].astype(str) == arm]
         lo_x = sub[size].min() if len(sub) else fit.x_range[0] if hasattr(fit, "x_range") else 1.0
@@ -85,8 +98,10 @@ def plot_scaling(df: pd.DataFrame, metric: str = "val_loss", size: str = "params
         x = np.geomspace(lo_x / 1.5, hi_x * 1.5, 100)
         y, band = _curve(fit, x)
         ax.plot(x, y, color=colors[arm], lw=1.5)
+        shown.append(np.asarray(y, float))
         if band is not None:
             ax.fill_between(x, band[0], band[1], color=colors[arm], alpha=0.18, lw=0)
+    _clip_y(ax, np.concatenate(shown))
     ax.set_xscale("log")
     ax.set(xlabel=size, ylabel=metric, title=title or f"{metric} vs {size}")
     return fig

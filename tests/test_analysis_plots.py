@@ -53,6 +53,26 @@ def test_scaling_plot_draws_points_curves_and_bands(sweep):
     np.testing.assert_allclose(y, fit.predict(x))
 
 
+def test_an_exploding_band_does_not_flatten_the_scaling_plot(sweep):
+    df, _, _ = sweep
+
+    class WildFit:  # a fit whose bootstrap band spans eight orders of magnitude
+        samples = np.zeros((2, 1))
+
+        def predict(self, x, params=None):
+            return 2.0 + 0.0 * np.asarray(x, float)
+
+        def band(self, f):
+            y = f(None)
+            return y - 1e8, y + 1e8
+
+    ax = plots.plot_scaling(df, fits={"uniform": WildFit()}).axes[0]
+    lo, hi = ax.get_ylim()
+    losses = df.loc[df["finished"], "val_loss"]
+    assert lo >= min(losses.min(), 2.0) - (max(losses.max(), 2.0) - min(losses.min(), 2.0))
+    assert hi <= max(losses.max(), 2.0) + (max(losses.max(), 2.0) - min(losses.min(), 2.0))
+
+
 def test_difference_plot_shows_each_arm_and_zero_line(sweep):
     _, _, diffs = sweep
     ax = plots.plot_differences(diffs).axes[0]
