@@ -48,7 +48,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> OpenELM:
         scale = std * (2 * cfg.num_layers) ** -0.5 if name.startswith("out_") else std
         return jnp.asarray(rng.standard_normal(leaf.shape, dtype=np.float32) * scale)
 
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, state.to_pure_dict()))
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
     return nnx.merge(graphdef, state)
 
 
