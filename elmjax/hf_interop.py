@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -21,7 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from elmjax.config_io import atomic_write_text, to_dict
+from elmjax.config_io import atomic_write, atomic_write_text, to_dict
 from elmjax.layout import layer_layout
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
@@ -269,25 +267,20 @@ def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "fl
     tensors = {k: v.astype(np_dtype) for k, v in params_to_hf(cfg, params).items()}
     shards = _split_shards(tensors, max_shard_bytes)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save_pretrained.", dir=path))
-    try:
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-        ]
-        for name, shard in zip(names, shards):
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
-                "weight_map": {k: n for n, s in zip(names, shards) for k in s},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        for f in tmp.iterdir():
-            os.replace(f, path / f.name)
-        atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype), indent=1) + "\n")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    # Each file appears only when complete; config.json goes last, so a
+    # directory with a config always has all its weights.
+    for name, shard in zip(names, shards):
+        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+            "weight_map": {k: n for n, s in zip(names, shards) for k in s},
+        }
+        atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=1))
+    atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype), indent=1) + "\n")
     return path
 
 
