@@ -155,14 +155,21 @@ def _check_shapes(config: Config, mesh) -> None:
         )
 
 
-def _setup(config: Config, ckpt: Checkpointer) -> _Session:
-    mesh = make_mesh(config.mesh)
-    _check_shapes(config, mesh)
-    total = config.total_steps
-    graphdef, abs_model_state = abstract_model(config.model)
-    eval_graphdef, _ = abstract_model(config.model.replace(dtype="float32", remat=False))
+@dataclass(frozen=True)
+class _StateLayout:
+    """How a run's train state is built and placed on ``mesh``."""
+
+    create: object  # () -> TrainState, freshly initialised
+    shardings: TrainState  # explicit NamedShardings, leaf for leaf
+    target: TrainState  # ShapeDtypeStructs with those shardings: the restore target
+    param_shardings: dict
+    optimizer: object
+
+
+def _state_layout(config: Config, mesh) -> _StateLayout:
+    _, abs_model_state = abstract_model(config.model)
     param_sh = param_shardings(abs_model_state, mesh)
-    optimizer = make_optimizer(config.optimizer, total)
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
     seed = config.train.seed
 
     def create() -> TrainState:
@@ -173,9 +180,20 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     abstract = jax.eval_shape(create)
     shardings = state_shardings(optimizer, param_sh, abstract, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-    restored = ckpt.restore_latest(target)
+    return _StateLayout(create, shardings, target, param_sh, optimizer)
+
+
+def _setup(config: Config, ckpt: Checkpointer) -> _Session:
+    mesh = make_mesh(config.mesh)
+    _check_shapes(config, mesh)
+    total = config.total_steps
+    graphdef, _ = abstract_model(config.model)
+    eval_graphdef, _ = abstract_model(config.model.replace(dtype="float32", remat=False))
+    layout = _state_layout(config, mesh)
+    shardings, param_sh, optimizer = layout.shardings, layout.param_shardings, layout.optimizer
+    restored = ckpt.restore_latest(layout.target)
     if restored is None:
-        state, data_state, start = jax.jit(create, out_shardings=shardings)(), None, 0
+        state, data_state, start = jax.jit(layout.create, out_shardings=shardings)(), None, 0
     else:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
@@ -400,24 +418,25 @@ def _tensorboard(path: Path):
 
 
 def restore_params(config: Config, dtype: str | None = None):
-    """The model of a run directory's latest readable checkpoint (single process)."""
+    """The model of a run directory's latest readable checkpoint (single device).
+
+    Needs only the checkpoint: no training data, no fresh initialisation."""
     from flax import nnx
 
+    from elmjax.checkpoint import CheckpointError
     from elmjax.config import MeshConfig
 
-    cfg = config.replace(mesh=MeshConfig(data=1, fsdp=1, tensor=1))
-    model_cfg = cfg.model.replace(dtype=dtype) if dtype else cfg.model
-    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
+    ckpt = Checkpointer(config.run_dir, config.checkpoint)
     try:
-        session = _setup(cfg, ckpt)
+        restored = ckpt.restore_latest(_state_layout(config, mesh).target)
     finally:
         ckpt.close()
-    if session.start_step == 0:
-        from elmjax.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{cfg.run_dir}: no checkpoint to load")
-    graphdef, _ = abstract_model(model_cfg)
-    return nnx.merge(graphdef, session.state.params)
+    if restored is None:
+        raise CheckpointError(f"{config.run_dir}: no checkpoint to load")
+    state, _, _ = restored
+    graphdef, _ = abstract_model(config.model.replace(dtype=dtype) if dtype else config.model)
+    return nnx.merge(graphdef, state.params)
 
 
 def main(argv=None) -> int:

@@ -75,3 +75,28 @@ def test_load_model_from_run_dir_and_hf_dir(tmp_path, finished):
     np.testing.assert_array_equal(load_model(tmp_path / "hf")(tokens), out)
     with pytest.raises(CheckpointError, match="neither a run directory"):
         load_model(tmp_path)
+
+
+def test_load_model_needs_only_the_checkpoint_not_the_training_data(tmp_path):
+    from elmjax.config import DataConfig
+    from elmjax.data import prepare
+
+    packed = tmp_path / "packed"
+    prepare(DataConfig(seq_len=32, max_documents=60), packed, progress=False)
+    d = tmp_path / "run"
+    cfg = tiny_config(d, "data.source=arrayrecord", f"data.paths=[{packed}]", "train.steps=2",
+                      "train.eval_every=100", "checkpoint.every=100")
+    run(cfg)
+    shutil.rmtree(packed)  # e.g. generating on a machine that never had the corpus
+    model = load_model(d)
+    assert model(jax.numpy.arange(5)[None]).shape == (1, 5, cfg.model.vocab_size)
+
+
+def test_load_model_without_a_checkpoint_is_a_clear_error(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    from elmjax import config_io
+
+    (d / "config.yaml").write_text(config_io.dump_yaml(tiny_config(d)))
+    with pytest.raises(CheckpointError, match="no checkpoint to load"):
+        load_model(d)
