@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from elmjax.config import MeshConfig, OptimizerConfig
+from elmjax.config import Config, MeshConfig, OptimizerConfig, TrainConfig
 from elmjax.hardware import mfu
 from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
 from elmjax.model_config import ModelConfig, preset
-from elmjax.optim import lr_schedule, make_optimizer
-from elmjax.sharding import batch_sharding, make_mesh, param_shardings
-from elmjax.train_step import TrainState, abstract_model, init_params, make_train_step, state_shardings
+from elmjax.optim import lr_schedule
+from elmjax.sharding import batch_sharding, make_mesh
+from elmjax.train import state_layout
+from elmjax.train_step import abstract_model, make_train_step
 
 SMALL = ModelConfig(num_layers=8, model_dim=256, head_dim=32, num_gqa_groups=2, ffn_dim_divisor=64, vocab_size=4096)
 
@@ -45,26 +46,31 @@ def uniform_twin(cfg: ModelConfig) -> ModelConfig:
     return min(candidates, key=lambda c: (abs(param_counts(c).total - target), abs(c.qkv_multipliers - mean_alpha)))
 
 
-def _compile(cfg: ModelConfig, batch: int, seq_len: int):
+@dataclass
+class _Arm:
+    """One compiled train step and the state it advances."""
+
+    compiled: object
+    state: object
+    tokens: jax.Array
+    compile_s: float
+    num_devices: int
+
+
+def _compile(cfg: ModelConfig, batch: int, seq_len: int) -> _Arm:
     mesh = make_mesh(MeshConfig(data=-1))
-    opt_cfg = OptimizerConfig(warmup_steps=2)
-    optimizer = make_optimizer(opt_cfg, 1000)
-    graphdef, abs_state = abstract_model(cfg)
-    param_sh = param_shardings(abs_state, mesh)
-
-    def create():
-        params = init_params(cfg, 0)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.key_data(jax.random.key(0)))
-
-    shardings = state_shardings(optimizer, param_sh, jax.eval_shape(create), mesh)
-    state = jax.jit(create, out_shardings=shardings)()
-    step = make_train_step(graphdef, optimizer, lr_schedule(opt_cfg, 1000), z_loss=0.0, grad_accum=1)
+    config = Config(model=cfg, optimizer=OptimizerConfig(warmup_steps=2), train=TrainConfig(steps=1000))
+    layout = state_layout(config, mesh)
+    state = jax.jit(layout.create, out_shardings=layout.shardings)()
+    graphdef, _ = abstract_model(cfg)
+    step = make_train_step(graphdef, layout.optimizer, lr_schedule(config.optimizer, config.total_steps),
+                           z_loss=0.0, grad_accum=1)
     bsh = batch_sharding(mesh)
     tokens = jax.device_put(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32), bsh)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0).lower(state, tokens).compile()
-    compile_s = time.perf_counter() - t0
-    return compiled, state, tokens, compile_s, mesh.size
+    compiled = jax.jit(step, in_shardings=(layout.shardings, bsh), out_shardings=(layout.shardings, None),
+                       donate_argnums=0).lower(state, tokens).compile()
+    return _Arm(compiled, state, tokens, time.perf_counter() - t0, mesh.size)
 
 
 def _peak_memory(compiled) -> int | None:
@@ -92,21 +98,20 @@ def bench(cfg: ModelConfig, batch: int, seq_len: int, steps: int, rounds: int) -
     ready = {name: _compile(c, batch, seq_len) for name, c in arms.items()}
     seconds = {name: 0.0 for name in arms}
     for _ in range(rounds):  # alternate so drift and noise hit both arms
-        for name, (compiled, state, tokens, _, _) in ready.items():
-            dt, state = _time(compiled, state, tokens, steps)
-            ready[name] = (compiled, state, tokens) + ready[name][3:]
+        for name, arm in ready.items():
+            dt, arm.state = _time(arm.compiled, arm.state, arm.tokens, steps)
             seconds[name] += dt
     out = {}
     for name, c in arms.items():
-        compiled, _, _, compile_s, ndev = ready[name]
+        arm = ready[name]
         tps = rounds * steps * batch * seq_len / seconds[name]
         flops = train_flops_per_token(c, seq_len)
         out[name] = {
             "params": param_counts(c).total,
             "tokens_per_s": tps,
-            "mfu": mfu(flops, tps, ndev, c.dtype),
-            "compile_s": compile_s,
-            "peak_bytes": _peak_memory(compiled),
+            "mfu": mfu(flops, tps, arm.num_devices, c.dtype),
+            "compile_s": arm.compile_s,
+            "peak_bytes": _peak_memory(arm.compiled),
             "q_heads": [x.q_heads for x in layer_layout(c)],
             "ffn_dims": [x.ffn_dim for x in layer_layout(c)],
         }

@@ -156,7 +156,7 @@ def _check_shapes(config: Config, mesh) -> None:
 
 
 @dataclass(frozen=True)
-class _StateLayout:
+class StateLayout:
     """How a run's train state is built and placed on ``mesh``."""
 
     create: object  # () -> TrainState, freshly initialised
@@ -166,7 +166,7 @@ class _StateLayout:
     optimizer: object
 
 
-def _state_layout(config: Config, mesh) -> _StateLayout:
+def state_layout(config: Config, mesh) -> StateLayout:
     _, abs_model_state = abstract_model(config.model)
     param_sh = param_shardings(abs_model_state, mesh)
     optimizer = make_optimizer(config.optimizer, config.total_steps)
@@ -180,7 +180,7 @@ def _state_layout(config: Config, mesh) -> _StateLayout:
     abstract = jax.eval_shape(create)
     shardings = state_shardings(optimizer, param_sh, abstract, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-    return _StateLayout(create, shardings, target, param_sh, optimizer)
+    return StateLayout(create, shardings, target, param_sh, optimizer)
 
 
 def _setup(config: Config, ckpt: Checkpointer) -> _Session:
@@ -189,7 +189,7 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     total = config.total_steps
     graphdef, _ = abstract_model(config.model)
     eval_graphdef, _ = abstract_model(config.model.replace(dtype="float32", remat=False))
-    layout = _state_layout(config, mesh)
+    layout = state_layout(config, mesh)
     shardings, param_sh, optimizer = layout.shardings, layout.param_shardings, layout.optimizer
     restored = ckpt.restore_latest(layout.target)
     if restored is None:
@@ -429,7 +429,7 @@ def restore_params(config: Config, dtype: str | None = None):
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
     ckpt = Checkpointer(config.run_dir, config.checkpoint)
     try:
-        restored = ckpt.restore_latest(_state_layout(config, mesh).target)
+        restored = ckpt.restore_latest(state_layout(config, mesh).target)
     finally:
         ckpt.close()
     if restored is None:
