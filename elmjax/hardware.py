@@ -23,7 +23,11 @@ _PEAKS = {
 
 
 def peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
-    kind = (device or jax.devices()[0]).device_kind
+    return peak_flops_for_kind((device or jax.devices()[0]).device_kind, dtype)
+
+
+def peak_flops_for_kind(kind: str, dtype: str = "bfloat16") -> float | None:
+    """Peak of a device kind (a substring match on ``device_kind``), None if unknown."""
     for name, (bf16, fp32) in _PEAKS.items():
         if name.lower() in kind.lower():
             return bf16 if dtype == "bfloat16" else fp32
