@@ -30,8 +30,9 @@ _DTYPE_BYTES = {
 
 # "%name = SHAPE op(" where op is a collective, optionally with -start/-done
 _OP = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+"
-    r"(?P<op>all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(?P<phase>-start|-done)?\("
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s+"
+    r"(?P<op>all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(?P<phase>-start|-done)?"
+    r"\(%?(?P<operand>[\w.\-]*)"
 )
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMMENT = re.compile(r"/\*.*?\*/")
@@ -77,11 +78,16 @@ def group_size(line: str) -> int:
 
 def parse_collectives(hlo_text: str) -> list[Collective]:
     out = []
+    started: dict[str, int] = {}  # -start op name -> its group size (the -done line has no groups)
     for line in hlo_text.splitlines():
         m = _OP.match(line)
-        if m is None or m.group("phase") == "-start":
+        if m is None:
             continue
-        out.append(Collective(m.group("op"), shape_bytes(m.group("shape")), group_size(line)))
+        if m.group("phase") == "-start":
+            started[m.group("name")] = group_size(line)
+            continue
+        n = started.get(m.group("operand"), 1) if m.group("phase") == "-done" else group_size(line)
+        out.append(Collective(m.group("op"), shape_bytes(m.group("shape")), n))
     return out
 
 

@@ -1,4 +1,5 @@
 """python -m sweeps.run GRID.yaml [--out DIR] [--dry-run] [--retry-failed] [--shard I/N]
+       python -m sweeps.run GRID.yaml --preflight [--devices N] [--hbm-gib G] [--accelerator A]
 
 Plans the grid (validating everything and solving every budget before
 anything is written), then trains this driver's runs into
@@ -6,6 +7,10 @@ anything is written), then trains this driver's runs into
 Exit status: 0 every run of this driver's share is done or diverged (or
 held by another driver), 1 some are failed, 2 the grid (or a flag) is
 invalid, 130 interrupted.
+
+``--preflight`` trains nothing: it compiles every distinct model and mesh of
+the plan (on N fake CPU devices with ``--devices N``) and prints their memory
+and cost (``sweeps.preflight``); exit 1 if one would not fit.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sweeps.driver import Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
 from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S
 from sweeps.plan import build_plan, format_table
+from sweeps.preflight import add_arguments as add_preflight_arguments, run_preflight
 from sweeps.results import CSV, PARQUET
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
 
@@ -38,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-timeout", type=float, default=STALE_AFTER_S, metavar="S",
                    help=f"seconds without a heartbeat after which a run's lock is stale (default {STALE_AFTER_S:.0f}; "
                    f"heartbeat every {HEARTBEAT_S:.0f} s)")
+    add_preflight_arguments(p)
     return p
 
 
@@ -50,6 +57,8 @@ def main(argv=None) -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.preflight:
+        return run_preflight(runs, args.devices, args.accelerator, args.hbm_gib)
     if args.dry_run:
         mine = shard.select(runs) if shard else runs
         print(format_table(mine))
