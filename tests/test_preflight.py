@@ -156,3 +156,31 @@ def test_cli_sets_fake_devices_before_jax_starts(tmp_path):
     r = json.loads(out.stdout)
     assert KEYS <= set(r)
     assert r["devices"] == 4 and r["mesh"]["fsdp"] == 4 and r["fits"] is False
+
+
+def test_sweep_preflight_compiles_each_shape_once_and_names_cells_that_do_not_fit(tmp_path, monkeypatch, capsys):
+    from sweep_helpers import TINY_BASE, write_grid
+
+    from sweeps import run as sweep_run
+
+    model = {**TINY_BASE["model"], "model_dim": 64, "qkv_multipliers": 1.0, "ffn_multipliers": 2.0}
+    base = {**TINY_BASE, "model": model, "data": {**TINY_BASE["data"], "batch_size": 8}, "mesh": {"data": -1}}
+    grid = write_grid(tmp_path / "g.yaml", {"num_layers": [1, 2], "seed": [0, 1]}, base=base)
+    compiles = []
+    real = pf.compile_step
+    monkeypatch.setattr(pf, "compile_step", lambda cfg: compiles.append(cfg) or real(cfg))
+    for key in ("XLA_FLAGS", "JAX_PLATFORMS"):  # restored after the test: --devices rewrites them
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    rc = sweep_run.main([str(grid), "--preflight", "--devices", "8", "--hbm-gib", "0.0001"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    # 2 depths x 2 seeds = 4 runs, but only 2 distinct programs: seeds don't change what is compiled
+    assert len(compiles) == 2
+    assert "4 runs, 2 distinct shapes compiled" in out
+    table = [line for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert len(table) == 2 and all(" 2 " in line and "NO" in line and "1/8/1" not in line for line in table)
+    errors = [line for line in err.splitlines() if line.startswith("error: shape")]
+    assert len(errors) == 2
+    assert all(e.count("-s0-") == 1 and e.count("-s1-") == 1 for e in errors)  # each names both runs of its shape
+    assert all("bytes per device" in e and "more than 107,374" in e for e in errors)
+    assert not (tmp_path / "runs").exists() and not Path("runs/g").exists()  # nothing written, nothing trained
