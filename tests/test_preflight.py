@@ -184,3 +184,25 @@ def test_sweep_preflight_compiles_each_shape_once_and_names_cells_that_do_not_fi
     assert all(e.count("-s0-") == 1 and e.count("-s1-") == 1 for e in errors)  # each names both runs of its shape
     assert all("bytes per device" in e and "more than 107,374" in e for e in errors)
     assert not (tmp_path / "runs").exists() and not Path("runs/g").exists()  # nothing written, nothing trained
+
+
+@pytest.mark.slow
+def test_device_check_runs_all_stages_on_cpu_with_tiny_settings(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run([sys.executable, "-m", "elmjax.device_check", "--model", TINY, "--batch", "4",
+                          "--seq-len", "16", "--steps", "4", "--dtype", "float32", "--max-documents", "50",
+                          "--bench", "--batch 2 --seq-len 8 --steps 1 --rounds 1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = out.stdout.split("=== device check summary")[1]
+    for stage in ("preflight", "bench", "train"):
+        assert f"{stage:<9} exit 0" in summary
+    assert "tokens/s over steps 3-4, MFU n/a" in summary  # CPUs have no published peak
+    assert "per-device memory" in out.stdout and "ratio layer-wise / uniform" in out.stdout
+
+
+def test_device_check_rejects_a_single_step(capsys):
+    from elmjax import device_check
+
+    assert device_check.main(["--steps", "1"]) == 2
+    assert "--steps must be >= 2" in capsys.readouterr().err
