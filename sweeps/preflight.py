@@ -67,28 +67,27 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
 
-def format_table(shapes: list[Shape]) -> str:
-    head = (f"{'shape':>5} {'runs':>4} {'L':>3} {'width':>5} {'params':>14} {'mesh d/f/t':>10} "
-            f"{'params GiB':>10} {'opt GiB':>8} {'temp GiB':>8} {'total GiB':>9} {'fits':>4} "
-            f"{'AG':>4} {'RS':>4} {'AR':>4} {'A2A':>4} {'CP':>4} {'compile s':>9} {'step ms':>8} {'MFU<=':>6}")
-    lines = [head, "-" * len(head)]
-    for i, s in enumerate(shapes):
-        row = s.runs[0].row
-        lead = f"{i:>5} {len(s.runs):>4} {row['num_layers']:>3} {row['model_dim']:>5} {row['params']:>14,}"
-        if s.report is None:
-            lines.append(f"{lead} {'error: ' + (s.error or '')}")
-            continue
-        r, pd, c = s.report, s.report["per_device"], s.report["collectives"]
-        mesh = "/".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
-        e = r["estimate"]
-        step = f"{1e3 * e['step_s']:>8.1f}" if e else f"{'n/a':>8}"
-        mfu = f"{100 * e['mfu_ceiling']:>5.1f}%" if e and e["mfu_ceiling"] is not None else f"{'n/a':>6}"
-        lines.append(f"{lead} {mesh:>10} {_gib(pd['params_bytes']):>10} {_gib(pd['opt_state_bytes']):>8} "
-                     f"{_gib(pd['temp_bytes']):>8} {_gib(pd['total_bytes']):>9} {'yes' if r['fits'] else 'NO':>4} "
-                     f"{c['all-gather']['count']:>4} {c['reduce-scatter']['count']:>4} {c['all-reduce']['count']:>4} "
-                     f"{c['all-to-all']['count']:>4} {c['collective-permute']['count']:>4} {r['compile_s']:>9.1f} "
-                     f"{step} {mfu}")
-    return "\n".join(lines)
+HEADER = (f"{'shape':>5} {'runs':>4} {'L':>3} {'width':>5} {'params':>14} {'mesh d/f/t':>10} "
+          f"{'params GiB':>10} {'opt GiB':>8} {'temp GiB':>8} {'total GiB':>9} {'fits':>4} "
+          f"{'AG':>4} {'RS':>4} {'AR':>4} {'A2A':>4} {'CP':>4} {'compile s':>9} {'step ms':>8} {'MFU<=':>6}")
+
+
+def format_row(i: int, s: Shape) -> str:
+    """One table line; collective columns are static op counts (all-gather, reduce-scatter, ...)."""
+    row = s.runs[0].row
+    lead = f"{i:>5} {len(s.runs):>4} {row['num_layers']:>3} {row['model_dim']:>5} {row['params']:>14,}"
+    if s.report is None:
+        return f"{lead} error: {s.error}"
+    r, pd, c = s.report, s.report["per_device"], s.report["collectives"]
+    mesh = "/".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    e = r["estimate"]
+    step = f"{1e3 * e['step_s']:>8.1f}" if e else f"{'n/a':>8}"
+    mfu = f"{100 * e['mfu_ceiling']:>5.1f}%" if e and e["mfu_ceiling"] is not None else f"{'n/a':>6}"
+    return (f"{lead} {mesh:>10} {_gib(pd['params_bytes']):>10} {_gib(pd['opt_state_bytes']):>8} "
+            f"{_gib(pd['temp_bytes']):>8} {_gib(pd['total_bytes']):>9} {'yes' if r['fits'] else 'NO':>4} "
+            f"{c['all-gather']['count']:>4} {c['reduce-scatter']['count']:>4} {c['all-reduce']['count']:>4} "
+            f"{c['all-to-all']['count']:>4} {c['collective-permute']['count']:>4} {r['compile_s']:>9.1f} "
+            f"{step} {mfu}")
 
 
 def run_preflight(runs, devices: int | None = None, accelerator: str | None = None,
@@ -108,14 +107,15 @@ def run_preflight(runs, devices: int | None = None, accelerator: str | None = No
         return 2
     acc = accelerator or pf.default_accelerator()
     shapes = group_runs(runs)
-    for s in shapes:
+    print(f"{HEADER}\n{'-' * len(HEADER)}", file=out, flush=True)
+    for i, s in enumerate(shapes):  # a row as soon as its shape compiles: big models take minutes
         try:
             s.report = pf.report(s.config, pf.compile_step(s.config), acc, hbm_gib)
         except (pf.PreflightError, ConfigError) as e:
             s.error = str(e)
-        print(f"  compiled shape {shapes.index(s)} ({len(s.runs)} runs)", file=sys.stderr, flush=True)
-    print(format_table(shapes), file=out)
-    print(f"\n{len(runs)} runs, {len(shapes)} distinct shapes compiled, accelerator {acc}", file=out)
+        print(format_row(i, s), file=out, flush=True)
+    print(f"\n{len(runs)} runs, {len(shapes)} distinct shapes compiled, accelerator {acc}; per-device memory; "
+          "AG/RS/AR/A2A/CP: collective ops in the compiled step", file=out)
     code = 0
     for i, s in enumerate(shapes):
         names = ", ".join(r.name for r in s.runs)
