@@ -92,11 +92,14 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
 
 
 def summarize(collectives: list[Collective]) -> dict[str, dict[str, int]]:
-    """kind -> {count, bytes}, every kind present (zeros included) in a fixed order."""
-    out = {k: {"count": 0, "bytes": 0} for k in KINDS}
+    """kind -> {count, bytes, max_bytes}, every kind present (zeros included) in a fixed order.
+
+    ``max_bytes`` (the largest single op) tells a logits-sized all-reduce from many small ones."""
+    out = {k: {"count": 0, "bytes": 0, "max_bytes": 0} for k in KINDS}
     for c in collectives:
         out[c.kind]["count"] += 1
         out[c.kind]["bytes"] += c.bytes
+        out[c.kind]["max_bytes"] = max(out[c.kind]["max_bytes"], c.bytes)
     return out
 
 

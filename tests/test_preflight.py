@@ -50,11 +50,13 @@ def test_collectives_of_a_hand_made_hlo_snippet():
     cs = parse_collectives(HLO)
     s = summarize(cs)
     # async pairs count once, with the -done (output) shape; tuples sum; bf16 is 2 bytes
-    assert s["all-reduce"] == {"count": 1, "bytes": 4 + 128 * 64 * 4 + 10 * 2}
-    assert s["all-gather"] == {"count": 1, "bytes": 32 * 32 * 4}
-    assert s["reduce-scatter"] == {"count": 1, "bytes": 8 * 16 * 4}
-    assert s["collective-permute"] == {"count": 1, "bytes": 2 * 8 * 2}
-    assert s["all-to-all"] == {"count": 1, "bytes": 8 * 4 * 4}
+    ar = 4 + 128 * 64 * 4 + 10 * 2
+    assert s["all-reduce"] == {"count": 1, "bytes": ar, "max_bytes": ar}
+    assert s["all-gather"] == {"count": 1, "bytes": 32 * 32 * 4, "max_bytes": 32 * 32 * 4}
+    assert s["reduce-scatter"] == {"count": 1, "bytes": 8 * 16 * 4, "max_bytes": 8 * 16 * 4}
+    assert s["collective-permute"] == {"count": 1, "bytes": 2 * 8 * 2, "max_bytes": 2 * 8 * 2}
+    assert s["all-to-all"] == {"count": 1, "bytes": 8 * 4 * 4, "max_bytes": 8 * 4 * 4}
+    assert summarize(cs + cs)["all-to-all"] == {"count": 2, "bytes": 2 * 8 * 4 * 4, "max_bytes": 8 * 4 * 4}
     assert sorted(c.group_size for c in cs) == [2, 4, 8, 8, 8]
     ag = next(c for c in cs if c.kind == "all-gather")
     assert wire_bytes(ag) == pytest.approx(32 * 32 * 4 * 7 / 8)
