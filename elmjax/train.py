@@ -34,9 +34,10 @@ from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab
 from elmjax.distributed import maybe_initialize
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
-from elmjax.optim import lr_schedule, make_optimizer
+from elmjax.optim import make_optimizer
 from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings, replicated
-from elmjax.train_step import TrainState, abstract_model, init_params, make_eval_step, make_train_step, state_shardings
+from elmjax.train_program import jit_train_step
+from elmjax.train_step import TrainState, abstract_model, init_params, make_eval_step, state_shardings
 
 log = logging.getLogger("elmjax.train")
 
@@ -186,19 +187,15 @@ def state_layout(config: Config, mesh) -> StateLayout:
 def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
-    total = config.total_steps
-    graphdef, _ = abstract_model(config.model)
     eval_graphdef, _ = abstract_model(config.model.replace(dtype="float32", remat=False))
     layout = state_layout(config, mesh)
-    shardings, param_sh, optimizer = layout.shardings, layout.param_shardings, layout.optimizer
+    shardings, param_sh = layout.shardings, layout.param_shardings
     restored = ckpt.restore_latest(layout.target)
     if restored is None:
         state, data_state, start = jax.jit(layout.create, out_shardings=shardings)(), None, 0
     else:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
-    step_fn = make_train_step(graphdef, optimizer, lr_schedule(config.optimizer, total),
-                              z_loss=config.optimizer.z_loss, grad_accum=config.train.grad_accum)
     bsh, rep = batch_sharding(mesh), replicated(mesh)
     return _Session(
         config=config,
@@ -206,7 +203,7 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
         state=state,
         start_step=start,
         data_state=data_state,
-        train_step=jax.jit(step_fn, in_shardings=(shardings, bsh), out_shardings=(shardings, rep), donate_argnums=0),
+        train_step=jit_train_step(config, mesh, layout),  # the same program preflight compiles
         eval_step=jax.jit(make_eval_step(eval_graphdef), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
                           out_shardings=rep),
         batch_sharding=bsh,
