@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from elmjax import config_io, run_dir as rd
-from elmjax.config import CheckpointConfig, Config, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
+from elmjax.config import (CheckpointConfig, Config, DataConfig, ExecutionConfig, MeshConfig, OptimizerConfig,
+                           TrainConfig)
 from elmjax.layout import load_model_config
 
 DEFAULT_BENCH = "--preset OpenELM-1_1B --dtype bfloat16"
@@ -39,11 +40,10 @@ DEFAULT_BENCH = "--preset OpenELM-1_1B --dtype bfloat16"
 
 def train_config(args, out: Path) -> Config:
     """The training config of stage 3 (and what preflight checks)."""
-    # dtype and remat are read here only: they move to an execution section (issue 9).
-    model = load_model_config(args.model).replace(dtype=args.dtype, remat=args.remat)
     steps = args.steps
     return Config(
-        model=model,
+        model=load_model_config(args.model),
+        execution=ExecutionConfig(dtype=args.dtype, remat=args.remat),
         data=DataConfig(source="stdlib", tokenizer="byte", seq_len=args.seq_len, batch_size=args.batch,
                         val_sequences=args.batch, max_documents=args.max_documents),
         optimizer=OptimizerConfig(warmup_steps=min(10, steps)),

@@ -64,8 +64,7 @@ def _state_layout(config, mesh):
 
 
 def _compute_dtype(config) -> str:
-    # The one read of the compute dtype here: it moves to an execution section (issue 9).
-    return config.model.dtype
+    return config.execution.dtype
 
 
 @dataclass(frozen=True)

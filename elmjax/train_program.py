@@ -18,8 +18,7 @@ from elmjax.train_step import abstract_model, make_train_step
 
 
 def grad_accum(config: Config) -> int:
-    # The one read of grad_accum here: it moves to an execution section (issue 9).
-    return config.train.grad_accum
+    return config.execution.grad_accum
 
 
 def check_batch(config: Config, mesh) -> None:
@@ -28,13 +27,13 @@ def check_batch(config: Config, mesh) -> None:
     if config.data.batch_size % div:
         raise ConfigError(
             f"data.batch_size ({config.data.batch_size}) must be divisible by mesh data*fsdp "
-            f"({batch_divisor(mesh)}) x train.grad_accum ({grad_accum(config)})"
+            f"({batch_divisor(mesh)}) x execution.grad_accum ({grad_accum(config)})"
         )
 
 
 def jit_train_step(config: Config, mesh, layout):
     """The jitted train step for ``layout`` (a ``state_layout``): state in, state out (donated), metrics replicated."""
-    graphdef, _ = abstract_model(config.model)
+    graphdef, _ = abstract_model(config.model, **config.execution.model_kwargs)
     step_fn = make_train_step(graphdef, layout.optimizer, lr_schedule(config.optimizer, config.total_steps),
                               z_loss=config.optimizer.z_loss, grad_accum=grad_accum(config))
     bsh = batch_sharding(mesh)
