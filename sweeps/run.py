@@ -18,7 +18,7 @@ from elmjax import run_dir as rd
 from elmjax.config_io import ConfigError
 from sweeps.driver import Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
-from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S
+from sweeps.locks import HEARTBEAT_S, MIN_STALE_AFTER_S, STALE_AFTER_S
 from sweeps.plan import build_plan, format_table
 from sweeps.results import CSV, PARQUET
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
@@ -36,14 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (per-run lines only)")
     p.add_argument("--no-report", action="store_true", help="do not call analysis.report at the end")
     p.add_argument("--lock-timeout", type=float, default=STALE_AFTER_S, metavar="S",
-                   help=f"seconds without a heartbeat after which a run's lock is stale (default {STALE_AFTER_S:.0f}; "
-                   f"heartbeat every {HEARTBEAT_S:.0f} s)")
+                   help=f"seconds without a heartbeat after which a lock held from another host is stale "
+                   f"(default {STALE_AFTER_S:.0f}, at least {MIN_STALE_AFTER_S:.0f}; heartbeat every "
+                   f"min({HEARTBEAT_S:.0f}, S/4) s)")
     return p
+
+
+def _check_flags(args) -> None:
+    # A lock timeout that expires between heartbeats would let two drivers train one run at once.
+    if not args.lock_timeout >= MIN_STALE_AFTER_S:  # also catches nan
+        raise ConfigError(f"--lock-timeout: must be at least {MIN_STALE_AFTER_S:.0f} seconds, got {args.lock_timeout:g} "
+                          "(a shorter timeout lets a second driver take the lock of a run that is still training)")
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_flags(args)
         grid = load_grid(args.grid)
         runs = build_plan(grid)
         shard = detect_shard(args.shard, args.shards)
