@@ -1,4 +1,4 @@
-"""python -m sweeps.run GRID.yaml [--out DIR] [--dry-run] [--retry-failed] [--shard I/N]
+"""python -m sweeps.run GRID.yaml [--out DIR] [--dry-run] [--retry-failed] [--retry-diverged] [--shard I/N]
 
 Plans the grid (validating everything and solving every budget before
 anything is written), then trains this driver's runs into
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="print the table of runs and exit")
     p.add_argument("--retry-failed", action="store_true", help="retry runs whose status is failed")
+    p.add_argument("--retry-diverged", action="store_true",
+                   help="retry runs whose status is diverged (from their last checkpoint)")
     p.add_argument("--shard", metavar="I/N", help="run only task I of N (0-based); also read from "
                    f"SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX + {COUNT_ENV}")
     p.add_argument("--shards", type=int, metavar="N", help="shard count with JOB_COMPLETION_INDEX (Kubernetes)")
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     todo = shard.select(located) if shard else located
     where = f", {shard}: {len(todo)} of them" if shard else ""
     print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")
-    opts = Options(retry_failed=args.retry_failed, progress=not args.no_progress,
+    opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=not args.no_progress,
                    stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
                    shard_index=shard.index if shard else -1, eval=grid.eval)
     try:
