@@ -89,8 +89,10 @@ def load_grid(path: str | Path) -> Grid:
         if key not in TOP_KEYS:
             errors.add(str(key), f"unknown key{suggest(str(key), TOP_KEYS)}; valid keys: {', '.join(TOP_KEYS)}")
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        errors.add("name", f"must be a non-empty name of letters, digits, '.', '_' or '-', got {name!r}")
+    # The name is a directory (runs/<name>): '.', '..' or a hidden name would write elsewhere.
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name):
+        errors.add("name", "must be a single safe path component (letters, digits, '.', '_' or '-', starting with "
+                   f"a letter, digit or '_'), got {name!r}")
     match = _parse_match(raw.get("match", {}), errors)
     axes_raw = raw.get("axes", {}) or {}
     if not isinstance(axes_raw, dict):

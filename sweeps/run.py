@@ -16,12 +16,14 @@ from pathlib import Path
 
 from elmjax import run_dir as rd
 from elmjax.config_io import ConfigError
-from sweeps.driver import Options, prepare, run_sweep, write_report
+from sweeps.driver import GRID_COPY, Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
 from sweeps.locks import HEARTBEAT_S, MIN_STALE_AFTER_S, STALE_AFTER_S
-from sweeps.plan import build_plan, format_table
+from sweeps.plan import PLAN_FILE, build_plan, format_table
 from sweeps.results import CSV, PARQUET
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
+
+SWEEP_MARKERS = (PLAN_FILE, GRID_COPY)  # a directory holding either is a sweep (a killed first start leaves only grid.yaml)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid YAML file")
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="print the table of runs and exit")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing non-empty directory that is not a sweep (no plan.json)")
     p.add_argument("--retry-failed", action="store_true", help="retry runs whose status is failed")
     p.add_argument("--retry-diverged", action="store_true",
                    help="retry runs whose status is diverged (from their last checkpoint)")
@@ -51,6 +55,20 @@ def _check_flags(args) -> None:
                           "(a shorter timeout lets a second driver take the lock of a run that is still training)")
 
 
+def _check_out(sweep_dir: Path, force: bool) -> None:
+    """Refuse a sweep directory that would overwrite something that is not a sweep (results.csv, report/ ...)."""
+    for parent in [sweep_dir, *sweep_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"sweep directory {sweep_dir}: {parent} is a file, not a directory")
+            break
+    if not sweep_dir.is_dir() or force or any((sweep_dir / f).exists() for f in SWEEP_MARKERS):
+        return
+    if any(sweep_dir.iterdir()):
+        raise ConfigError(f"sweep directory {sweep_dir}: an existing non-empty directory that is not a sweep (no {PLAN_FILE}); "
+                          "choose another directory, or pass --force to write the sweep into it anyway")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -68,7 +86,15 @@ def main(argv=None) -> int:
             print(f"{shard}: {len(mine)} of {len(runs)} runs")
         return 0
     sweep_dir = Path(args.out) if args.out else Path("runs") / grid.name
-    located = prepare(grid, runs, sweep_dir)
+    try:
+        _check_out(sweep_dir, args.force)
+        located = prepare(grid, runs, sweep_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write the sweep to {sweep_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
     todo = shard.select(located) if shard else located
     where = f", {shard}: {len(todo)} of them" if shard else ""
     print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")

@@ -291,3 +291,38 @@ def test_diverged_runs_are_skipped_unless_retry_diverged_is_given(tmp_path, caps
     assert results(out)["status"].tolist() == ["done"]
     assert train_steps(run_dir) == list(range(2, 13, 2))  # resumed from step 8: nothing lost, nothing twice
     assert rd.read_metrics(run_dir)[-1]["val_loss"] == pytest.approx(done_metrics[-1]["val_loss"], rel=1e-5)
+
+
+def _tree(root: Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_out_that_is_not_a_sweep_is_refused_without_writing_anything(tmp_path, capsys, monkeypatch):
+    from sweeps.driver import Summary
+
+    monkeypatch.setattr(run, "run_sweep", lambda *a, **k: Summary())  # about where the sweep goes, not training
+    grid = write_grid(tmp_path / "g.yaml", {"seed": [0]})
+    busy = tmp_path / "project"
+    busy.mkdir()
+    (busy / "results.csv").write_text("precious,data\n1,2\n")
+    (busy / "report").mkdir()
+    (busy / "report" / "notes.md").write_text("mine")
+    before = _tree(busy)
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(busy) in err and "not a sweep (no plan.json)" in err and "--force" in err
+    assert _tree(busy) == before
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{a_file} is a file, not a directory" in err, err
+    assert a_file.read_text() == "x"
+
+    # --force writes into it; after that it is a sweep, and a rerun needs no --force.
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report", "--dry-run"]) == 0
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report", "--force"]) == 0
+    assert (busy / "plan.json").exists() and (busy / "report" / "notes.md").read_text() == "mine"
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report"]) == 0
