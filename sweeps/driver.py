@@ -2,7 +2,7 @@
 
 For each run of this driver's share of the plan, in plan order:
 
-* ``done``: skipped;
+* ``done``: skipped (a stale lock a killed driver left in it is removed);
 * ``diverged`` (a result, not an accident): skipped unless
   ``retry_diverged`` (e.g. the divergence came from a corrupted checkpoint
   since replaced); a retry resumes from the run's last checkpoint;
@@ -38,7 +38,7 @@ from pathlib import Path
 from elmjax import config_io, run_dir as rd
 from sweeps.evals import EvalSpec, evaluate_run, needs_eval
 from sweeps.grid import Grid
-from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, run_lock_path
+from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, clear_stale, run_lock_path
 from sweeps.plan import PlannedRun, write_plan
 from sweeps.progress import SweepProgress
 from sweeps.results import write_results
@@ -129,6 +129,7 @@ def _decide(run: PlannedRun, opts: Options) -> tuple[int, FileLock | None]:
     retry = {s for s, wanted in (("failed", opts.retry_failed), ("diverged", opts.retry_diverged)) if wanted}
     finished = {"done": _DONE, "diverged": _DIVERGED, "failed": _FAILED}
     if state in finished and state not in retry:
+        clear_stale(run_lock_path(run_dir), opts.stale_after_s)
         return finished[state], None
     lock = FileLock.acquire(run_lock_path(run_dir), stale_after_s=opts.stale_after_s, heartbeat_s=opts.heartbeat_s)
     if lock is None:

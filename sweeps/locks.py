@@ -179,6 +179,15 @@ def _break(path: Path, stale_after_s: float) -> bool:
         breaker.unlink(missing_ok=True)
 
 
+def clear_stale(path: str | Path, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Remove the lock at ``path`` if its holder is gone; True if it was removed.
+
+    A driver killed between finishing a run and releasing its lock leaves the
+    lock in a finished run, which nothing would otherwise ever take again."""
+    path = Path(path)
+    return is_stale(path, stale_after_s) and _break(path, stale_after_s)
+
+
 def run_lock_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / LOCK_NAME
 
