@@ -47,7 +47,7 @@ TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match", "e
 class Match:
     tolerance: float = 0.01  # relative budget error allowed for every run
     twin: Literal["width", "multipliers"] = "width"  # how uniform twins are matched
-    width_multiple: int | Literal["auto"] = "auto"  # model_dim step; auto: coarsest of 128..1 that fits
+    width_multiple: int | Literal["auto"] = "auto"  # model_dim step; auto: the closest width, coarsest of 128..1 if as close
     kind: Literal["params", "non_embedding_params", "flops"] = "params"  # twin matching without a budget axis
 
     def __post_init__(self):

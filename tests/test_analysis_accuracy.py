@@ -122,3 +122,32 @@ def test_accuracy_at_chance_and_steps_are_flagged():
     with pytest.warns(FitWarning, match="sits on its bound"):
         fit = fit_accuracy_sigmoid(N, falling, chance=0.25)
     assert not fit.ok and fit.k == pytest.approx(1e-4, rel=1e-2)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.2, 0.5, 1.0])
+def test_a_constant_accuracy_is_unfittable_with_the_reason(value):
+    """A constant column used to raise LinAlgError (Singular matrix) from the bootstrap replicates."""
+    rng = np.random.default_rng(0)
+    N = np.repeat([1.49e5, 2.5e5, 4e5], 4)
+    loss = 3 - 0.3 * np.log(N / 1e5) + rng.normal(0, 0.02, 12)
+    acc = np.full(12, value)
+    with pytest.raises(InsufficientDataError, match=f"accuracy is the same \\({value:g}\\) at every point"):
+        fit_accuracy_sigmoid(N, acc, n_boot=200)
+    for sizes in (N, None):
+        with pytest.raises(InsufficientDataError, match="accuracy is the same"):
+            fit_two_step_accuracy(loss, acc, N=sizes, n_boot=200)
+
+
+def test_batched_levenberg_marquardt_survives_a_singular_replicate():
+    """Two parameters with identical Jacobian columns whose cost keeps falling: the damping shrinks until
+    the system is exactly singular, which used to raise LinAlgError for the whole batch."""
+    x = np.linspace(0.0, 1.0, 6)
+
+    def model(P):
+        a, b = P[:, :1], P[:, 1:2]
+        r = np.exp(-(a + b)) * np.ones_like(x)  # only a + b matters, and it runs off to +inf
+        return r, np.stack([-r, -r], axis=2)
+
+    with np.errstate(all="ignore"):
+        est, cost, _ = levenberg_marquardt(model, np.zeros((2, 2)), np.ones((2, 6)), np.full(2, -1e3), np.full(2, 1e3))
+    assert np.isfinite(est).all() and (cost < 1e-6).all()
