@@ -13,7 +13,7 @@ A grid is a YAML mapping::
     zip: [[lr, optimizer.warmup_steps]]             # axes that vary together
     exclude: [{allocation: mine, seed: 1}]          # drop matching cells
     match: {tolerance: 0.01, twin: width, width_multiple: auto, kind: params}
-    eval: {tasks: [arc_easy.jsonl]}                 # score every finished run (sweeps.evals)
+    eval: {tasks: [sweeps/tasks/close_bracket.jsonl]}  # score every finished run (sweeps.evals)
 
 First-class axes: ``allocation`` (or ``alpha`` / ``beta`` / ``schedule``,
 which build arms from bounds), ``budget``, ``tokens``, ``num_layers``,
