@@ -63,6 +63,13 @@ def _lsq(model, starts, lower, upper) -> _LSQ:
     return _LSQ(best.x, bool(best.status > 0), on_bound)
 
 
+def _check_varies(who: str, ys: np.ndarray) -> None:
+    """A constant accuracy has no slope to fit: every curve through it is equally good."""
+    if np.ptp(ys) == 0:
+        raise InsufficientDataError(f"{who}: accuracy is the same ({ys[0]:.4g}) at every point, so there is no "
+                                    "curve to fit (too small models or too few task questions?)")
+
+
 def _flag_and_warn(who, names, fit: _LSQ, failed: float | None, extra=()) -> tuple[str, ...]:
     flags = [] if fit.converged else ["least squares did not converge"]
     flags += [f"{names[i]}={fit.params[i]:.4g} sits on its bound" for i in fit.at_bound]
@@ -121,6 +128,7 @@ def fit_accuracy_sigmoid(N, acc, *, chance: float = 0.0, data: pd.DataFrame | No
                                     f"got {len(ys)} points at {len(np.unique(ns))} sizes")
     if not 0.0 <= chance < 1.0:
         raise ValueError(f"{who}: chance must be in [0, 1), got {chance}")
+    _check_varies(who, ys)
     x = np.log(ns)
     lower = np.array([1e-4, x.min() - 10.0])
     upper = np.array([50.0, x.max() + 10.0])
@@ -205,6 +213,7 @@ def fit_two_step_accuracy(loss, acc, *, N=None, data: pd.DataFrame | None = None
     if len(ys) < 5 or len(np.unique(ls)) < 4:
         raise InsufficientDataError(f"{who}: needs at least 5 usable points with 4 distinct losses (4 parameters); "
                                     f"got {len(ys)} points, {len(np.unique(ls))} distinct losses")
+    _check_varies(who, ys)
     lower = np.array([1e-6, -200.0, ls.min() - 5.0, 0.0])
     upper = np.array([1.0, -1e-4, ls.max() + 5.0, 1.0])
 

@@ -38,7 +38,12 @@ def levenberg_marquardt(model: Model, x0: np.ndarray, weights: np.ndarray, lower
         g = (JtW @ ra[..., None])[..., 0]
         damp = lam[act, None, None] * (eye * np.maximum(np.einsum("bii->bi", H), 1e-12)[:, None, :])
         with np.errstate(all="ignore"):
-            step = np.linalg.solve(H + damp, -g[..., None])[..., 0]
+            try:
+                step = np.linalg.solve(H + damp, -g[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                # Some replicate's system is singular (e.g. flat residuals): the pseudo-inverse
+                # gives it a zero step along the flat directions instead of stopping every replicate.
+                step = (np.linalg.pinv(H + damp) @ -g[..., None])[..., 0]
         x_new = np.clip(x[act] + np.where(np.isfinite(step), step, 0.0), lower, upper)
         with np.errstate(all="ignore"):
             r_new, J_new = model(x_new)

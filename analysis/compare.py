@@ -1,8 +1,11 @@
 """Allocation arms against their uniform twins at matched budgets.
 
 * :func:`paired_differences`: per (arm, budget), the mean over seeds of
-  metric(arm run) - metric(its uniform twin), with a bootstrap interval over
-  the seed pairs and a note when the seeds disagree more than the effect.
+  metric(arm run) - metric(its uniform twin), with an interval over the seed
+  pairs: none below 3 pairs (and no verdict), a Student t interval from 3
+  to 4 pairs (a bootstrap of so few values only spans their min and max),
+  a percentile bootstrap from 5; a note when the seeds disagree more than
+  the effect, or when arm and twin differ in size by more than 1%.
 * :func:`effective_multiplier`: how many uniform parameters (or FLOPs) reach
   the arm's loss, read off a power law fitted to the uniform runs; the
   interval resamples both the uniform runs (refitting) and the arm's seeds.
@@ -26,6 +29,9 @@ from analysis.bootstrap import DEFAULT_LEVEL, percentile_interval
 from analysis.fits import InsufficientDataError, PowerLawFit, fit_power_law
 
 LOWER_IS_BETTER = ("loss", "ppl", "bpb")
+MIN_PAIRS_FOR_INTERVAL = 3  # fewer pairs: no interval and no verdict
+MIN_PAIRS_FOR_BOOTSTRAP = 5  # fewer: Student t on the paired differences
+SIZE_GAP_FLAG = 0.01  # arm and twin parameter counts further apart than this confound the comparison
 GROUP = ["sweep", "budget_kind", "budget"]
 # The budget kind decides what "size" means for the effective multiplier.
 SIZE_OF_KIND = {"params": "params", "non_embedding_params": "non_embedding_params", "flops": "train_flops"}
@@ -136,17 +142,41 @@ def paired_differences(df: pd.DataFrame, metric: str = "val_loss", *, n_boot: in
         # Repeated runs under one seed are averaged so that each seed counts once.
         per_seed = (good["arm_value"] - good["twin_value"]).groupby(good["seed"].fillna(-1)).mean().to_numpy()
         rows.append(_diff_row(dict(zip(keys, key)), per_seed, good, len(g) - len(good), metric, n_boot, level, rng))
-    cols = keys + ["n_pairs", "dropped", "diff", "low", "high", "rel_diff", "arm_mean", "twin_mean", "seed_sd",
-                   "verdict", "note"]
+    cols = keys + ["n_pairs", "dropped", "diff", "low", "high", "interval", "rel_diff", "arm_mean", "twin_mean",
+                   "seed_sd", "size_gap", "verdict", "note"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def size_gaps(df: pd.DataFrame) -> pd.DataFrame:
+    """Arm/twin pairs whose parameter counts differ by more than ``SIZE_GAP_FLAG`` (relative to the twin)."""
+    p = pairs(df).dropna(subset=["twin"])
+    gap = (p["arm_params"] / p["twin_params"] - 1).abs()
+    out = p.assign(size_gap=gap)[gap > SIZE_GAP_FLAG]
+    return out[["arm", "budget", "run", "twin", "arm_params", "twin_params", "size_gap"]].drop_duplicates(
+        ["run", "twin"]).reset_index(drop=True)
+
+
+def mean_interval(d: np.ndarray, n_boot: int, level: float, rng) -> tuple[float, float, str]:
+    """(low, high, method) of the mean of paired differences ``d``; NaN bounds and 'none' below 3 values."""
+    n = len(d)
+    if n < MIN_PAIRS_FOR_INTERVAL:
+        return math.nan, math.nan, "none"
+    if n < MIN_PAIRS_FOR_BOOTSTRAP:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+        return float(d.mean()) - half, float(d.mean()) + half, f"t ({n - 1} df)"
+    means = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    low, high = percentile_interval(means, level)
+    return low, high, "bootstrap"
 
 
 def _diff_row(key: dict, d: np.ndarray, good: pd.DataFrame, dropped: int, metric: str, n_boot: int,
               level: float, rng) -> dict:
     n = len(d)
     row = {**key, "n_pairs": n, "dropped": dropped, "diff": math.nan, "low": math.nan, "high": math.nan,
-           "rel_diff": math.nan, "arm_mean": math.nan, "twin_mean": math.nan, "seed_sd": math.nan,
-           "verdict": "no pairs", "note": ""}
+           "interval": "none", "rel_diff": math.nan, "arm_mean": math.nan, "twin_mean": math.nan,
+           "seed_sd": math.nan, "size_gap": math.nan, "verdict": "no pairs", "note": ""}
     notes = [f"{dropped} pair(s) dropped (arm or twin unfinished)"] if dropped else []
     if n == 0:
         row["note"] = "; ".join(notes or ["no finished pairs"])
@@ -154,24 +184,25 @@ def _diff_row(key: dict, d: np.ndarray, good: pd.DataFrame, dropped: int, metric
     mean = float(d.mean())
     row.update(diff=mean, arm_mean=float(good["arm_value"].mean()), twin_mean=float(good["twin_value"].mean()))
     row["rel_diff"] = mean / row["twin_mean"] if row["twin_mean"] else math.nan
-    if n == 1:
-        notes.append("single seed: no interval")
-    else:
-        means = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-        row["low"], row["high"] = percentile_interval(means, level)
+    row["size_gap"] = float((good["arm_params"] / good["twin_params"] - 1).abs().max())
+    if row["size_gap"] > SIZE_GAP_FLAG:
+        notes.append(f"arm and twin sizes differ by up to {row['size_gap']:.1%} (> {SIZE_GAP_FLAG:.0%}): "
+                     "part of the difference may be size")
+    row["low"], row["high"], row["interval"] = mean_interval(d, n_boot, level, rng)
+    if n < MIN_PAIRS_FOR_INTERVAL:
+        notes.append(f"not enough seeds for an interval ({n} pair{'s' if n > 1 else ''}; needs "
+                     f"{MIN_PAIRS_FOR_INTERVAL})")
+    if n > 1:
         row["seed_sd"] = float(d.std(ddof=1))
-        if n < 4:
-            notes.append(f"only {n} seeds: the interval is coarse")
         if row["seed_sd"] > abs(mean) or (d.min() < 0 < d.max()):
             notes.append(f"seeds disagree more than the effect (sd {row['seed_sd']:.3g} vs mean {mean:+.3g})")
-    better_low = lower_is_better(metric)
-    if n > 1 and (row["high"] < 0 or row["low"] > 0):
+    if n < MIN_PAIRS_FOR_INTERVAL:
+        row["verdict"] = f"undetermined ({n} pair{'s' if n > 1 else ''})"
+    elif row["high"] < 0 or row["low"] > 0:
         arm_lower = row["high"] < 0
-        row["verdict"] = "arm better" if arm_lower == better_low else "arm worse"
-    elif n > 1:
-        row["verdict"] = "no clear difference"
+        row["verdict"] = "arm better" if arm_lower == lower_is_better(metric) else "arm worse"
     else:
-        row["verdict"] = "undetermined (1 seed)"
+        row["verdict"] = "no clear difference"
     row["note"] = "; ".join(notes)
     return row
 
@@ -214,7 +245,7 @@ def effective_multiplier(df: pd.DataFrame, metric: str = "val_loss", *, n_boot: 
             row = _multiplier_row(fit, size, arm, budget, a, metric, level, rng)
             rows.append({**dict(zip(keys, key)), **row})
     cols = keys + ["size", "arm", "budget", "n_seeds", "arm_size", "arm_mean", "effective_size", "multiplier",
-                   "low", "high", "note"]
+                   "low", "high", "fit_flagged", "note"]
     return MultiplierResult(table=pd.DataFrame(rows, columns=cols), fits=fits)
 
 
@@ -246,7 +277,7 @@ def _multiplier_row(fit: PowerLawFit, size, arm, budget, a: pd.DataFrame, metric
         notes.append(f"uniform fit flagged ({len(fit.flags)} flag(s), listed with the fit)")
     return {"size": size, "arm": arm, "budget": budget, "n_seeds": len(values),
             "arm_size": x_arm, "arm_mean": mean, "effective_size": x_eff, "multiplier": x_eff / x_arm,
-            "low": low, "high": high, "note": "; ".join(notes)}
+            "low": low, "high": high, "fit_flagged": bool(fit.flags), "note": "; ".join(notes)}
 
 
 def rank_arms(df: pd.DataFrame, metric: str = "val_loss", *, n_boot: int = 2000, level: float = DEFAULT_LEVEL,

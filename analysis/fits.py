@@ -342,6 +342,11 @@ def fit_chinchilla(N, D, loss, *, data: pd.DataFrame | None = None, n_boot: int 
     if len(ys) < 6 or pairs < 5:
         raise InsufficientDataError(f"{who}: needs at least 6 usable points with 5 distinct (N, D) pairs "
                                     f"(5 parameters); got {len(ys)} points, {pairs} distinct pairs")
+    for name, v, other in (("tokens D", ds, "B/D^beta"), ("parameters N", ns, "A/N^alpha")):
+        if np.ptp(v) == 0:
+            raise InsufficientDataError(f"{who}: {name} are the same ({v[0]:.4g}) for every run, so {other} cannot "
+                                        "be told apart from E; the sweep needs several token counts and model "
+                                        "sizes (e.g. FLOP budgets)")
     log_x = np.log(np.column_stack([ns, ds]))
     r2 = collinearity(log_x[:, 0], log_x[:, 1])
     if r2 > 1 - 1e-6:

@@ -127,8 +127,8 @@ def _row_from_run_dir(run: Path, sweep: Path) -> dict:
     """What a run directory alone tells: config, status and final metrics (no arm/budget/twin)."""
     from elmjax.config_io import load_yaml
 
-    status = rd.read_status(run)
-    final = rd.read_final(run) or {}
+    status = _read_json(rd.read_status, run, "status.json")
+    final = _read_json(rd.read_final, run, "final.json") or {}
     row = {"run": run.name, "run_dir": str(run.relative_to(sweep)) if run != sweep else ".",
            "status": status.get("state", "pending"), "error": status.get("error"),
            **{k: final.get(k) for k in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s",
@@ -141,6 +141,17 @@ def _row_from_run_dir(run: Path, sweep: Path) -> dict:
         return row
     row.update(_config_columns(cfg))
     return row
+
+
+def _read_json(reader, run: Path, name: str):
+    """``reader(run)``, or a SweepError naming the file when it is torn (e.g. copied mid-write) or not an object."""
+    try:
+        value = reader(run)
+    except ValueError as e:
+        raise SweepError(str(e) if name in str(e) else f"{run / name}: not valid JSON ({e})") from None
+    if value is not None and not isinstance(value, dict):
+        raise SweepError(f"{run / name}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _config_columns(cfg: dict) -> dict:

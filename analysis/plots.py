@@ -95,15 +95,21 @@ def plot_scaling(df: pd.DataFrame, metric: str = "val_loss", size: str = "params
         sub = data[data["arm"].astype(str) == arm]
         lo_x = sub[size].min() if len(sub) else fit.x_range[0] if hasattr(fit, "x_range") else 1.0
         hi_x = sub[size].max() if len(sub) else fit.x_range[1] if hasattr(fit, "x_range") else 10.0
-        x = np.geomspace(lo_x / 1.5, hi_x * 1.5, 100)
+        x = np.geomspace(lo_x, hi_x, 100)
         y, band = _curve(fit, x)
-        ax.plot(x, y, color=colors[arm], lw=1.5)
+        ax.plot(x, y, color=colors[arm], lw=1.5)  # solid over the data's range only
         shown.append(np.asarray(y, float))
         if band is not None:
             ax.fill_between(x, band[0], band[1], color=colors[arm], alpha=0.18, lw=0)
+        for ends in ((lo_x / 1.5, lo_x), (hi_x, hi_x * 1.5)):  # a short extrapolation, marked dashed
+            xe = np.geomspace(*ends, 20)
+            ax.plot(xe, fit.predict(xe), color=colors[arm], lw=1.2, ls="--", alpha=0.8)
     _clip_y(ax, np.concatenate(shown))
     ax.set_xscale("log")
     ax.set(xlabel=size, ylabel=metric, title=title or f"{metric} vs {size}")
+    if fits:
+        ax.text(0.99, 0.01, "dashed: fit extrapolated beyond the runs", transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=7, color="0.35")
     return fig
 
 
@@ -175,8 +181,12 @@ def plot_training_curves(curves: pd.DataFrame, df: pd.DataFrame | None = None, m
     for ax, budget in zip(axes[0], budgets):
         sub = data if budget is None else data[data["budget"] == budget]
         if len(sub):
+            # Eval metrics have few points (every eval_every steps): mark each one so the line is not mistaken
+            # for a dense curve.
+            evals = bool((sub["kind"] == "eval").any())
             sns.lineplot(data=sub, x="tokens", y="value", hue="arm", units="run", estimator=None, palette=colors,
-                         ax=ax, lw=1.2, legend=ax is axes[0, 0])
+                         ax=ax, lw=1.2, legend=ax is axes[0, 0], marker="o" if evals else None,
+                         markersize=4 if evals else None)
         ax.set(xlabel="tokens", ylabel=metric, title="all runs" if budget is None else f"budget {budget:.3g}")
     return fig
 
@@ -200,6 +210,7 @@ def plot_allocation(df: pd.DataFrame, budget: float | None = None) -> Figure:
         ax_f.plot(depth, ffn, "o-", color=colors[r.label], label=r.label)
     for ax in (ax_h, ax_f):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_h.yaxis.set_major_locator(MaxNLocator(integer=True))  # head counts are whole numbers
     title = "" if budget is None else f" (budget {budget:.3g})"
     ax_h.set(xlabel="layer", ylabel="heads (solid: query, dashed: KV)", title="attention heads" + title)
     ax_f.set(xlabel="layer", ylabel="FFN width", title="FFN width" + title)

@@ -26,7 +26,8 @@ import pandas as pd
 
 from analysis import plots
 from analysis.accuracy import fit_accuracy_sigmoid, fit_two_step_accuracy
-from analysis.compare import effective_multiplier, is_size_grid, paired_differences, rank_arms
+from analysis.compare import (MIN_PAIRS_FOR_BOOTSTRAP, MIN_PAIRS_FOR_INTERVAL, SIZE_GAP_FLAG, effective_multiplier,
+                              is_size_grid, paired_differences, rank_arms, size_gaps)
 from analysis.fits import FitWarning, InsufficientDataError, fit_chinchilla, fit_power_law
 from analysis.isoflop import fit_isoflop
 from analysis.load import SweepError, load_curves, load_sweep
@@ -66,9 +67,20 @@ class _Ctx:
         return "non_embedding_params" if kinds == {"non_embedding_params"} else "params"
 
 
+FLAGGED = "(flagged: no interval)"
+
+
 def _fit_cell(fit, name: str) -> str:
+    """The estimate with its interval; a flagged fit's interval says more about the fitter than the data,
+    so only the estimate is shown, marked (its flags are listed next to it)."""
     iv = fit.interval(name)
-    return with_interval(iv.estimate, iv.low, iv.high)
+    return _cell(fit, iv.estimate, iv.low, iv.high)
+
+
+def _cell(fit, est, low, high, digits: int = 4) -> str:
+    if fit.flags:
+        return f"{number(est, digits)} {FLAGGED}"
+    return with_interval(est, low, high, digits)
 
 
 def _section(title: str, body: Callable[[], str]) -> str:
@@ -111,13 +123,27 @@ def _comparison(ctx: _Ctx, metric: str) -> str:
         return "No layer-wise arms with uniform twins in this sweep: nothing to compare."
     t = d.assign(**{"arm - twin": [with_interval(a, b, c) for a, b, c in zip(d["diff"], d["low"], d["high"])],
                     "relative": [f"{v:+.2%}" if math.isfinite(v) else "–" for v in d["rel_diff"]]})
-    cols = ["arm", "budget", "n_pairs", "arm - twin", "relative", "arm_mean", "twin_mean", "verdict", "note"]
+    cols = ["arm", "budget", "n_pairs", "arm - twin", "interval", "relative", "arm_mean", "twin_mean", "verdict",
+            "note"]
     text = (f"Paired difference of final `{metric}` between each arm and its uniform twin (same budget and seed), "
-            "averaged over seeds; 95% bootstrap interval over seeds.\n\n" + table(t[cols]))
+            f"averaged over seeds, with a 95% interval over the seed pairs: none below {MIN_PAIRS_FOR_INTERVAL} "
+            f"pairs (and no verdict), Student t below {MIN_PAIRS_FOR_BOOTSTRAP}, percentile bootstrap from "
+            f"{MIN_PAIRS_FOR_BOOTSTRAP}.\n\n" + table(t[cols]) + _size_gap_text(ctx.df))
     if np.isfinite(d["diff"]).any():
         text += "\n\n" + ctx.figure(plots.plot_differences(d, metric), f"diff_{metric.replace('.', '_')}",
                                     f"{metric}: arm minus uniform twin per budget")
     return text
+
+
+def _size_gap_text(df: pd.DataFrame) -> str:
+    gaps = size_gaps(df)
+    if gaps.empty:
+        return ""
+    lines = [f"- {r.run} ({number(r.arm_params)} params) vs twin {r.twin} ({number(r.twin_params)}): "
+             f"{r.size_gap:.1%}" for r in gaps.itertuples()]
+    return (f"\n\n**Size mismatch:** {len(gaps)} arm/twin pair(s) differ in parameters by more than "
+            f"{SIZE_GAP_FLAG:.0%}, so part of their difference may be size (lower match.tolerance):\n\n"
+            + "\n".join(lines))
 
 
 def _multiplier(ctx: _Ctx) -> str:
@@ -135,7 +161,8 @@ def _multiplier(ctx: _Ctx) -> str:
             "power law fitted to all uniform runs; the interval resamples both the uniform runs and the arm's "
             "seeds.\n\n" + "\n".join(parts))
     if len(t):
-        t = t.assign(multiplier=[with_interval(a, b, c, 3) for a, b, c in zip(t["multiplier"], t["low"], t["high"])])
+        t = t.assign(multiplier=[f"{number(a, 3)} {FLAGGED}" if f else with_interval(a, b, c, 3)
+                                 for a, b, c, f in zip(t["multiplier"], t["low"], t["high"], t["fit_flagged"])])
         text += "\n\n" + table(t[["arm", "budget", "n_seeds", "size", "arm_size", "effective_size", "multiplier",
                                   "note"]])
     return text
@@ -195,11 +222,11 @@ def _chinchilla(ctx: _Ctx) -> str:
             parts.append(f"- {arm}: cannot fit: {e}")
             continue
         t = fit.table().reset_index()
-        t["value"] = [with_interval(a, b, c) for a, b, c in zip(t["estimate"], t["low"], t["high"])]
+        t["value"] = [_cell(fit, a, b, c) for a, b, c in zip(t["estimate"], t["low"], t["high"])]
         top = float(g["train_flops"].max())
         opt = fit.compute_optimal([top, 10 * top, 100 * top])
-        opt["N_opt"] = [with_interval(a, b, c, 3) for a, b, c in zip(opt["N_opt"], opt["N_opt_low"], opt["N_opt_high"])]
-        opt["D_opt"] = [with_interval(a, b, c, 3) for a, b, c in zip(opt["D_opt"], opt["D_opt_low"], opt["D_opt_high"])]
+        opt["N_opt"] = [_cell(fit, a, b, c, 3) for a, b, c in zip(opt["N_opt"], opt["N_opt_low"], opt["N_opt_high"])]
+        opt["D_opt"] = [_cell(fit, a, b, c, 3) for a, b, c in zip(opt["D_opt"], opt["D_opt_low"], opt["D_opt_high"])]
         parts.append(f"\n**{arm}** ({fit.n_points} runs, objective {fit.objective:.4g}"
                      + (f"; flags: {'; '.join(fit.flags)}" if fit.flags else "") + ")\n\n"
                      + table(t[["quantity", "value"]]) + "\n\nCompute-optimal allocation (C = 6 N D):\n\n"
@@ -219,9 +246,12 @@ def _isoflop(ctx: _Ctx) -> str:
             parts.append(f"- {arm}: cannot fit: {e}")
             continue
         b = fit.budgets.copy()
-        b["N_opt"] = [with_interval(x, y, z, 3) for x, y, z in zip(b["N_opt"], b["N_opt_low"], b["N_opt_high"])]
-        b["D_opt"] = [with_interval(x, y, z, 3) for x, y, z in zip(b["D_opt"], b["D_opt_low"], b["D_opt_high"])]
-        parts.append(f"\n**{arm}**: N_opt ~ C^a with a = {fit.a}; D_opt ~ C^b with b = {fit.b}\n\n"
+        b["N_opt"] = [_cell(fit, x, y, z, 3) for x, y, z in zip(b["N_opt"], b["N_opt_low"], b["N_opt_high"])]
+        b["D_opt"] = [_cell(fit, x, y, z, 3) for x, y, z in zip(b["D_opt"], b["D_opt_low"], b["D_opt_high"])]
+        exps = (f"a = {_cell(fit, fit.a.estimate, fit.a.low, fit.a.high)}; D_opt ~ C^b with "
+                f"b = {_cell(fit, fit.b.estimate, fit.b.low, fit.b.high)}")
+        parts.append(f"\n**{arm}**: N_opt ~ C^a with {exps}"
+                     + (f" (flags: {'; '.join(fit.flags)})" if fit.flags else "") + "\n\n"
                      + table(b[["C", "sizes", "N_opt", "D_opt", "loss_opt", "note"]]) + "\n\n"
                      + ctx.figure(plots.plot_isoflop(g, fit), f"isoflop_{arm}", f"isoFLOP profiles ({arm})"))
     return "\n".join(parts)
@@ -311,6 +341,7 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = DEFAULT_N_BOOT, seed: i
     """
     sweep_dir = Path(sweep_dir)
     df = load_sweep(sweep_dir)
+    _check_chance(chance or {}, df, sweep_dir)
     curves = load_curves(sweep_dir, df)
     tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=sweep_dir))
     try:
@@ -327,14 +358,62 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = DEFAULT_N_BOOT, seed: i
             _section("Training curves and allocations", lambda: _pictures(ctx)),
         ]
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        head = (f"# Sweep report: {sweep_dir.resolve().name}\n\n`{sweep_dir.resolve()}` — generated {now} by "
-                f"`python -m analysis.report` ({n_boot} bootstrap replicates, seed {seed}; intervals are 95% "
-                "percentile intervals).\n")
+        head = (f"# Sweep report: {sweep_dir.resolve().name}\n\n{_summary(ctx)}\n\n`{sweep_dir.resolve()}` — "
+                f"generated {now} by `python -m analysis.report` ({n_boot} bootstrap replicates, seed {seed}; "
+                "intervals are 95%: percentile bootstrap, or Student t for 3-4 seed pairs).\n")
         (tmp / "report.md").write_text("\n".join([head, *sections]))
         return _swap_in(tmp, sweep_dir / "report")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_chance(chance: dict, df: pd.DataFrame, sweep_dir: Path) -> None:
+    """A chance level for a column the sweep lacks is a typo that would silently fit against 0."""
+    for col, p in chance.items():
+        if col not in df.columns:
+            have = ", ".join(_accuracy_metrics(df)) or "none"
+            raise SweepError(f"--chance {col}={p:g}: {sweep_dir} has no column {col!r} (accuracy columns: {have})")
+        if not 0.0 <= p < 1.0:
+            raise SweepError(f"--chance {col}={p:g}: a chance level must be in [0, 1)")
+
+
+def _summary(ctx: _Ctx) -> str:
+    """3-5 plain lines: what was compared, the main result with its interval, how far the evidence goes."""
+    df = ctx.df
+    arms = sorted(df.loc[~df["is_uniform"], "arm"].dropna().astype(str).unique())
+    budgets = sorted(df["budget"].dropna().unique())
+    seeds = df["seed"].dropna().nunique()
+    kind = ", ".join(df["budget_kind"].dropna().astype(str).unique()) or "no"
+    lines = [f"**Summary.** Compared: {', '.join(arms) or 'no layer-wise arms'} against "
+             f"{'their uniform twins' if arms else 'nothing'} at {len(budgets)} {kind} budget(s), {seeds} seed(s); "
+             f"{int(df['finished'].sum())} of {len(df)} runs finished. Metric: final val_loss (lower is better)."]
+    d = paired_differences(df, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
+    for arm, g in (d.groupby("arm") if len(d) else ()):
+        g = g[g["n_pairs"] > 0]
+        if g.empty:
+            lines.append(f"- {arm}: no finished arm/twin pairs.")
+            continue
+        results = "; ".join(f"{number(r.budget, 3)}: {with_interval(r.diff, r.low, r.high)}"
+                            for r in g.itertuples())
+        decided = g[g["verdict"].isin(["arm better", "arm worse"])]
+        interval_rows = g[g["interval"] != "none"]
+        if interval_rows.empty:
+            evidence = (f"no evidence either way: not enough seeds for an interval (needs "
+                        f"{MIN_PAIRS_FOR_INTERVAL} pairs per budget)")
+        elif decided.empty:
+            evidence = f"no clear difference at any of {len(interval_rows)} budget(s) with an interval"
+        else:
+            verdicts = sorted(set(decided["verdict"]))
+            strength = "consistent" if len(decided) == len(g) and len(verdicts) == 1 else "mixed"
+            evidence = (f"{strength}: {', '.join(verdicts)} at {len(decided)} of {len(g)} budget(s) "
+                        f"(intervals exclude 0)")
+        lines.append(f"- {arm} minus its twin, val_loss per budget [95% interval]: {results}. Evidence: {evidence}.")
+    gaps = size_gaps(df) if arms else pd.DataFrame()
+    if len(gaps):
+        lines.append(f"- Caution: {len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
+                     "(see the comparison section).")
+    return "\n".join(lines[:5])
 
 
 def _swap_in(tmp: Path, final: Path) -> Path:

@@ -7,9 +7,13 @@ A budget is total parameters, non-embedding parameters, or training FLOPs
 
 1. **Width.** Bisection over integer widths finds ``d*``, the smallest width
    whose measure reaches the target. For each width step ``s`` (``auto``:
-   128, 64, 32, 16, 8, 4, 2, 1, coarsest first, so hardware-friendly widths
-   win when they are good enough) the multiples of ``s`` nearest ``d*`` are
-   tried; the first step with a width inside the tolerance gives the answer.
+   128, 64, 32, 16, 8, 4, 2, 1) the multiples of ``s`` nearest ``d*`` are
+   candidates. Among the candidates inside the tolerance, let ``e*`` be the
+   smallest relative error: the answer is the coarsest (most
+   hardware-friendly) width whose error is at most ``e* + COARSE_SLACK``
+   (0.1 percentage points of the budget), then the closer one. So raising
+   the tolerance never trades a close match for a coarse width: only widths
+   practically as close as the best one may win by being round.
    A layer-wise arm is only ever matched this way: its shape is the
    experiment.
 2. **Uniform twins** start from the arm's mean (alpha, beta), i.e. the same
@@ -40,6 +44,7 @@ KINDS = ("params", "non_embedding_params", "flops")
 AUTO_STEPS = (128, 64, 32, 16, 8, 4, 2, 1)
 MAX_WIDTH = 1 << 17
 _NEAREST = 24  # widths tried per step around d*
+COARSE_SLACK = 0.001  # a coarser width may be this much (relative to the budget) further off than the closest one
 
 Measure = Callable[[ModelConfig], float]
 
@@ -115,16 +120,14 @@ def solve_width(shape: Callable[[int], ModelConfig], measure: Measure, target: f
     if d_star == min_width and measure(shape(min_width)) > target * (1 + tol):
         best = _fit(shape(min_width), measure, target)
         raise BudgetError(f"unreachable: the smallest model (model_dim={min_width}) already has {best.achieved:.4g}", best)
-    best = None
-    for step in steps:
-        fits = [_fit(shape(d), measure, target) for d in _near(d_star, step, min_width, _NEAREST)]
-        if not fits:
-            continue
-        fit = min(fits, key=lambda f: abs(f.rel_error))
-        if abs(fit.rel_error) <= tol:
-            return fit
-        if best is None or abs(fit.rel_error) < abs(best.rel_error):
-            best = fit
+    widths = sorted({d for step in steps for d in _near(d_star, step, min_width, _NEAREST)})
+    fits = [_fit(shape(d), measure, target) for d in widths]
+    feasible = [f for f in fits if abs(f.rel_error) <= tol]
+    if feasible:
+        closest = min(abs(f.rel_error) for f in feasible)
+        good = [f for f in feasible if abs(f.rel_error) <= closest + COARSE_SLACK]
+        return min(good, key=lambda f: (-_coarseness(f.model.model_dim, steps), abs(f.rel_error)))
+    best = min(fits, key=lambda f: abs(f.rel_error), default=None)
     near = [measure(shape(d)) for d in _near(d_star, min(steps), min_width, 2 * _NEAREST)]
     raise BudgetError(f"no width within {tol:.2%} of the target{_nearest_budgets(near, target, tol)}", best)
 

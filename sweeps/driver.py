@@ -2,7 +2,10 @@
 
 For each run of this driver's share of the plan, in plan order:
 
-* ``done`` or ``diverged`` (a result, not an accident): skipped;
+* ``done``: skipped (a stale lock a killed driver left in it is removed);
+* ``diverged`` (a result, not an accident): skipped unless
+  ``retry_diverged`` (e.g. the divergence came from a corrupted checkpoint
+  since replaced); a retry resumes from the run's last checkpoint;
 * ``failed``: skipped unless ``retry_failed``; a retry resumes from the
   run's last checkpoint;
 * locked by a live driver elsewhere: skipped (that driver trains it);
@@ -35,20 +38,21 @@ from pathlib import Path
 from elmjax import config_io, run_dir as rd
 from sweeps.evals import EvalSpec, evaluate_run, needs_eval
 from sweeps.grid import Grid
-from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, run_lock_path
+from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, clear_stale, run_lock_path
 from sweeps.plan import PlannedRun, write_plan
 from sweeps.progress import SweepProgress
 from sweeps.results import write_results
 
 GRID_COPY = "grid.yaml"
 _TRAIN, _DONE, _DIVERGED, _FAILED, _LOCKED = range(5)
-_SKIP_REASON = {_DONE: "already done", _DIVERGED: "diverged earlier (a result; delete its directory to redo it)",
+_SKIP_REASON = {_DONE: "already done", _DIVERGED: "diverged earlier (a result; rerun with --retry-diverged to retry it)",
                 _FAILED: "failed earlier (rerun with --retry-failed to retry)", _LOCKED: "held by another driver"}
 
 
 @dataclass(frozen=True)
 class Options:
     retry_failed: bool = False
+    retry_diverged: bool = False
     progress: bool = True
     stale_after_s: float = STALE_AFTER_S
     heartbeat_s: float = HEARTBEAT_S
@@ -122,17 +126,18 @@ def _check_same_shard(index: int, count: int) -> None:
 def _decide(run: PlannedRun, opts: Options) -> tuple[int, FileLock | None]:
     run_dir = Path(run.config.run_dir)
     state = rd.read_status(run_dir)["state"]
-    if state in ("done", "diverged"):
-        return (_DONE if state == "done" else _DIVERGED), None
-    if state == "failed" and not opts.retry_failed:
-        return _FAILED, None
+    retry = {s for s, wanted in (("failed", opts.retry_failed), ("diverged", opts.retry_diverged)) if wanted}
+    finished = {"done": _DONE, "diverged": _DIVERGED, "failed": _FAILED}
+    if state in finished and state not in retry:
+        clear_stale(run_lock_path(run_dir), opts.stale_after_s)
+        return finished[state], None
     lock = FileLock.acquire(run_lock_path(run_dir), stale_after_s=opts.stale_after_s, heartbeat_s=opts.heartbeat_s)
     if lock is None:
         return _LOCKED, None
     again = rd.read_status(run_dir)["state"]  # another driver may have finished it just before we locked
-    if again in ("done", "diverged") or (again == "failed" and state != "failed"):
+    if again in finished and again != state:
         lock.release()
-        return {"done": _DONE, "diverged": _DIVERGED, "failed": _FAILED}[again], None
+        return finished[again], None
     return _TRAIN, lock
 
 

@@ -13,7 +13,7 @@ A grid is a YAML mapping::
     zip: [[lr, optimizer.warmup_steps]]             # axes that vary together
     exclude: [{allocation: mine, seed: 1}]          # drop matching cells
     match: {tolerance: 0.01, twin: width, width_multiple: auto, kind: params}
-    eval: {tasks: [arc_easy.jsonl]}                 # score every finished run (sweeps.evals)
+    eval: {tasks: [sweeps/tasks/close_bracket.jsonl]}  # score every finished run (sweeps.evals)
 
 First-class axes: ``allocation`` (or ``alpha`` / ``beta`` / ``schedule``,
 which build arms from bounds), ``budget``, ``tokens``, ``num_layers``,
@@ -47,7 +47,7 @@ TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match", "e
 class Match:
     tolerance: float = 0.01  # relative budget error allowed for every run
     twin: Literal["width", "multipliers"] = "width"  # how uniform twins are matched
-    width_multiple: int | Literal["auto"] = "auto"  # model_dim step; auto: coarsest of 128..1 that fits
+    width_multiple: int | Literal["auto"] = "auto"  # model_dim step; auto: the closest width, coarsest of 128..1 if as close
     kind: Literal["params", "non_embedding_params", "flops"] = "params"  # twin matching without a budget axis
 
     def __post_init__(self):
@@ -89,8 +89,10 @@ def load_grid(path: str | Path) -> Grid:
         if key not in TOP_KEYS:
             errors.add(str(key), f"unknown key{suggest(str(key), TOP_KEYS)}; valid keys: {', '.join(TOP_KEYS)}")
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        errors.add("name", f"must be a non-empty name of letters, digits, '.', '_' or '-', got {name!r}")
+    # The name is a directory (runs/<name>): '.', '..' or a hidden name would write elsewhere.
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name):
+        errors.add("name", "must be a single safe path component (letters, digits, '.', '_' or '-', starting with "
+                   f"a letter, digit or '_'), got {name!r}")
     match = _parse_match(raw.get("match", {}), errors)
     axes_raw = raw.get("axes", {}) or {}
     if not isinstance(axes_raw, dict):

@@ -7,8 +7,12 @@ held, a heartbeat thread touches it every ``heartbeat_s`` seconds. A lock is
 
 * its holder ran on this host and that process is gone (SIGKILL, OOM
   killer, a crashed node's reboot), which is noticed at once; or
-* it has not been touched for ``stale_after_s`` seconds (a holder on another
-  host that died or lost the file system).
+* its holder ran on another host and it has not been touched for
+  ``stale_after_s`` seconds (that host died or lost the file system).
+
+A holder on this host whose process is alive is never stale, however old its
+lock: liveness is known for certain there, and a stalled heartbeat must not
+let a second driver train the same run.
 
 Taking over goes through a second ``O_EXCL`` file (``<lock>.break``) and
 re-checks that the lock is still the same stale file, so two drivers that
@@ -29,6 +33,7 @@ from pathlib import Path
 
 LOCK_NAME = ".sweep.lock"
 STALE_AFTER_S = 600.0
+MIN_STALE_AFTER_S = 10.0  # below this, a busy host's late heartbeat would look like a dead holder
 HEARTBEAT_S = 30.0
 
 
@@ -72,12 +77,10 @@ def is_stale(path: str | Path, stale_after_s: float = STALE_AFTER_S) -> bool:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
-    if age > stale_after_s:
-        return True
     info = read_lock(path) or {}
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
         return not _alive(info["pid"], info.get("start"))
-    return False
+    return age > stale_after_s
 
 
 class FileLock:
@@ -174,6 +177,15 @@ def _break(path: Path, stale_after_s: float) -> bool:
         return True
     finally:
         breaker.unlink(missing_ok=True)
+
+
+def clear_stale(path: str | Path, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Remove the lock at ``path`` if its holder is gone; True if it was removed.
+
+    A driver killed between finishing a run and releasing its lock leaves the
+    lock in a finished run, which nothing would otherwise ever take again."""
+    path = Path(path)
+    return is_stale(path, stale_after_s) and _break(path, stale_after_s)
 
 
 def run_lock_path(run_dir: str | Path) -> Path:

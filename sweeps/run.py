@@ -1,4 +1,4 @@
-"""python -m sweeps.run GRID.yaml [--out DIR] [--dry-run] [--retry-failed] [--shard I/N]
+"""python -m sweeps.run GRID.yaml [--out DIR] [--dry-run] [--retry-failed] [--retry-diverged] [--shard I/N]
        python -m sweeps.run GRID.yaml --preflight [--devices N] [--hbm-gib G] [--accelerator A]
 
 Plans the grid (validating everything and solving every budget before
@@ -21,13 +21,15 @@ from pathlib import Path
 
 from elmjax import run_dir as rd
 from elmjax.config_io import ConfigError
-from sweeps.driver import Options, prepare, run_sweep, write_report
+from sweeps.driver import GRID_COPY, Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
-from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S
-from sweeps.plan import build_plan, format_table
+from sweeps.locks import HEARTBEAT_S, MIN_STALE_AFTER_S, STALE_AFTER_S
+from sweeps.plan import PLAN_FILE, build_plan, format_table
 from sweeps.preflight import add_arguments as add_preflight_arguments, run_preflight
 from sweeps.results import CSV, PARQUET
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
+
+SWEEP_MARKERS = (PLAN_FILE, GRID_COPY)  # a directory holding either is a sweep (a killed first start leaves only grid.yaml)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,22 +37,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid YAML file")
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="print the table of runs and exit")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing non-empty directory that is not a sweep (no plan.json)")
     p.add_argument("--retry-failed", action="store_true", help="retry runs whose status is failed")
+    p.add_argument("--retry-diverged", action="store_true",
+                   help="retry runs whose status is diverged (from their last checkpoint)")
     p.add_argument("--shard", metavar="I/N", help="run only task I of N (0-based); also read from "
                    f"SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX + {COUNT_ENV}")
     p.add_argument("--shards", type=int, metavar="N", help="shard count with JOB_COMPLETION_INDEX (Kubernetes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (per-run lines only)")
     p.add_argument("--no-report", action="store_true", help="do not call analysis.report at the end")
     p.add_argument("--lock-timeout", type=float, default=STALE_AFTER_S, metavar="S",
-                   help=f"seconds without a heartbeat after which a run's lock is stale (default {STALE_AFTER_S:.0f}; "
-                   f"heartbeat every {HEARTBEAT_S:.0f} s)")
+                   help=f"seconds without a heartbeat after which a lock held from another host is stale "
+                   f"(default {STALE_AFTER_S:.0f}, at least {MIN_STALE_AFTER_S:.0f}; heartbeat every "
+                   f"min({HEARTBEAT_S:.0f}, S/4) s)")
     add_preflight_arguments(p)
     return p
+
+
+def _check_flags(args) -> None:
+    # A lock timeout that expires between heartbeats would let two drivers train one run at once.
+    if not args.lock_timeout >= MIN_STALE_AFTER_S:  # also catches nan
+        raise ConfigError(f"--lock-timeout: must be at least {MIN_STALE_AFTER_S:.0f} seconds, got {args.lock_timeout:g} "
+                          "(a shorter timeout lets a second driver take the lock of a run that is still training)")
+
+
+def _check_out(sweep_dir: Path, force: bool) -> None:
+    """Refuse a sweep directory that would overwrite something that is not a sweep (results.csv, report/ ...)."""
+    for parent in [sweep_dir, *sweep_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"sweep directory {sweep_dir}: {parent} is a file, not a directory")
+            break
+    if not sweep_dir.is_dir() or force or any((sweep_dir / f).exists() for f in SWEEP_MARKERS):
+        return
+    if any(sweep_dir.iterdir()):
+        raise ConfigError(f"sweep directory {sweep_dir}: an existing non-empty directory that is not a sweep (no {PLAN_FILE}); "
+                          "choose another directory, or pass --force to write the sweep into it anyway")
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_flags(args)
         grid = load_grid(args.grid)
         runs = build_plan(grid)
         shard = detect_shard(args.shard, args.shards)
@@ -66,11 +95,19 @@ def main(argv=None) -> int:
             print(f"{shard}: {len(mine)} of {len(runs)} runs")
         return 0
     sweep_dir = Path(args.out) if args.out else Path("runs") / grid.name
-    located = prepare(grid, runs, sweep_dir)
+    try:
+        _check_out(sweep_dir, args.force)
+        located = prepare(grid, runs, sweep_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write the sweep to {sweep_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
     todo = shard.select(located) if shard else located
     where = f", {shard}: {len(todo)} of them" if shard else ""
     print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")
-    opts = Options(retry_failed=args.retry_failed, progress=not args.no_progress,
+    opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=not args.no_progress,
                    stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
                    shard_index=shard.index if shard else -1, eval=grid.eval)
     try:

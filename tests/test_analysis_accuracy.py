@@ -116,9 +116,37 @@ def test_degenerate_input():
 def test_accuracy_at_chance_and_steps_are_flagged():
     N = np.repeat(np.geomspace(1e6, 1e9, 5), 2)
     with pytest.warns(FitWarning) as caught:
-        flat = fit_accuracy_sigmoid(N, np.full(len(N), 0.25), chance=0.25)
+        # (an exactly constant column is not fittable at all: see the test below)
+        flat = fit_accuracy_sigmoid(N, 0.25 + np.tile([0.0, 0.002], len(N) // 2), chance=0.25)
     assert not flat.ok and any("never rises above chance" in str(w.message) for w in caught)
     falling = np.linspace(0.9, 0.3, len(N))  # accuracy falling with size: the slope is pinned at its floor
     with pytest.warns(FitWarning, match="sits on its bound"):
         fit = fit_accuracy_sigmoid(N, falling, chance=0.25)
     assert not fit.ok and fit.k == pytest.approx(1e-4, rel=1e-2)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.2, 0.5, 1.0])
+def test_a_constant_accuracy_is_unfittable_with_the_reason(value):
+    """A constant column used to raise LinAlgError (Singular matrix) from the bootstrap replicates."""
+    rng = np.random.default_rng(0)
+    N = np.repeat([1.49e5, 2.5e5, 4e5], 4)
+    loss = 3 - 0.3 * np.log(N / 1e5) + rng.normal(0, 0.02, 12)
+    acc = np.full(12, value)
+    with pytest.raises(InsufficientDataError, match=f"accuracy is the same \\({value:g}\\) at every point"):
+        fit_accuracy_sigmoid(N, acc, n_boot=200)
+    for sizes in (N, None):
+        with pytest.raises(InsufficientDataError, match="accuracy is the same"):
+            fit_two_step_accuracy(loss, acc, N=sizes, n_boot=200)
+
+
+def test_a_nearly_constant_accuracy_does_not_crash_the_bootstrap():
+    """Replicates of an almost flat accuracy drive the damped normal equations exactly singular, which used
+    to raise LinAlgError for the whole batch; such replicates now just fail to move."""
+    N = np.repeat([1.49e5, 2.5e5, 4e5], 4)
+    loss = 3 - 0.3 * np.log(N / 1e5) + np.random.default_rng(0).normal(0, 0.02, 12)
+    acc = np.full(12, 0.5)
+    acc[0] += 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        fit = fit_two_step_accuracy(loss, acc, n_boot=1000)
+    assert fit.samples.shape == (1000, 4)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from analysis.compare import (arm_labels, effective_multiplier, is_size_grid, pairs, paired_differences,
-                              rank_arms)
+                              rank_arms, size_gaps)
 from analysis.fits import FitWarning
 from analysis.load import load_sweep
 from analysis_fixtures import MULT, write_isoflop_sweep, write_sweep
@@ -55,8 +55,8 @@ def test_accuracy_differences_read_higher_as_better():
 
 def test_single_seed_and_disagreeing_seeds_are_noted():
     d = paired_differences(results_frame(seeds=1))
-    assert (d["verdict"] == "undetermined (1 seed)").all() and d["low"].isna().all()
-    assert d["note"].str.contains("single seed: no interval").all()
+    assert (d["verdict"] == "undetermined (1 pair)").all() and d["low"].isna().all()
+    assert d["note"].str.contains("not enough seeds for an interval").all()
     d = paired_differences(results_frame(effect=-0.002, noise=0.05, seeds=4, seed=3))
     assert d["note"].str.contains("seeds disagree more than the effect").all()
 
@@ -136,3 +136,41 @@ def test_isoflop_grids_use_the_uniform_frontier(tmp_path):
     fit = next(iter(res.fits.values()))
     assert not fit.ok
     assert fit.n_points == 6  # best size per budget and seed, not all 42 runs
+
+
+def test_two_pairs_give_no_interval_and_no_verdict_however_large_the_effect():
+    """With 2 seeds the bootstrap 'interval' was just the min and max of two numbers, and gave verdicts."""
+    d = paired_differences(results_frame(seeds=2, effect=-0.3, noise=0.001))
+    assert (d["n_pairs"] == 2).all() and d["low"].isna().all() and d["high"].isna().all()
+    assert (d["interval"] == "none").all() and (d["verdict"] == "undetermined (2 pairs)").all()
+    assert d["note"].str.contains("not enough seeds for an interval").all()
+
+
+def test_three_or_four_pairs_get_student_t_intervals_with_their_nominal_coverage():
+    from scipy import stats
+
+    d = paired_differences(results_frame(seeds=3, seed=7)).iloc[0]
+    pairs_ = pairs(results_frame(seeds=3, seed=7))
+    diffs = (pairs_["arm_value"] - pairs_["twin_value"])[pairs_["budget"] == d["budget"]].to_numpy()
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    assert d["interval"] == "t (2 df)"
+    np.testing.assert_allclose([d["low"], d["high"]], [diffs.mean() - half, diffs.mean() + half])
+    # Normal paired differences: t intervals cover the true effect ~95% of the time (a 3-value
+    # percentile bootstrap covers it far less often).
+    hits = []
+    for i in range(300):
+        for n in (3, 4):
+            row = paired_differences(results_frame(seeds=n, seed=i, budgets=(1e6,)), seed=i).iloc[0]
+            hits.append(row["low"] <= -0.03 <= row["high"])
+    assert 0.9 <= np.mean(hits) <= 0.99, np.mean(hits)
+    assert paired_differences(results_frame(seeds=5))["interval"].eq("bootstrap").all()
+
+
+def test_arm_twin_pairs_of_different_sizes_are_flagged():
+    df = results_frame(seeds=3)
+    assert size_gaps(df).empty and paired_differences(df)["size_gap"].eq(0).all()
+    df.loc[df["run"] == "d-1e+06-1", "params"] = 1e6 * 1.044  # the 4.4% gap of a loose budget tolerance
+    gaps = size_gaps(df)
+    assert list(gaps["run"]) == ["d-1e+06-1"] and gaps["size_gap"].iloc[0] == pytest.approx(0.044)
+    d = paired_differences(df).set_index("budget")
+    assert "sizes differ by up to 4.4% (> 1%)" in d.loc[1e6, "note"] and "sizes differ" not in d.loc[3e6, "note"]

@@ -159,8 +159,12 @@ def test_collinear_tokens_cannot_separate_the_two_terms():
     N = np.geomspace(1e7, 1e9, 8)
     with pytest.raises(InsufficientDataError, match="lockstep"):
         fit_chinchilla(N, 20 * N, 2 + 100 * N ** -0.3)  # tokens = 20 x params: one curve, not a surface
-    with pytest.raises(InsufficientDataError, match="lockstep"):
-        fit_chinchilla(N, np.full(8, 1e9), 2 + 100 * N ** -0.3)  # fixed tokens
+    # Fixed tokens are not "lockstep with N (R^2=1.0)": the error says the tokens are constant.
+    with pytest.raises(InsufficientDataError, match=r"tokens D are the same \(1e\+09\) for every run") as e:
+        fit_chinchilla(N, np.full(8, 1e9), 2 + 100 * N ** -0.3)
+    assert "lockstep" not in str(e.value)
+    with pytest.raises(InsufficientDataError, match="parameters N are the same"):
+        fit_chinchilla(np.full(8, 1e8), N, 2 + 100 * N ** -0.3)
 
 
 def test_flat_data_is_flagged_not_reported_as_a_law():

@@ -41,15 +41,31 @@ def kernel_of_this_python(tmp_path, monkeypatch):
 def test_notebook_executes(notebook, tmp_path, kernel_of_this_python, monkeypatch):
     sweep = write_sweep(tmp_path / "sweep", arms=("openelm",), failed=(("openelm", 2.5e5, 1),),
                         diverged=(("uniform", 4.0e5, 0),))
-    monkeypatch.setenv("ELMJAX_SWEEP_DIR", str(sweep))
+    # As Jupyter runs it: in the notebook's own directory, with the sweep given relative to the repository root.
+    monkeypatch.setenv("ELMJAX_SWEEP_DIR", os.path.relpath(sweep, REPO))
     monkeypatch.setenv("ELMJAX_N_BOOT", "100")
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     client = NotebookClient(nb, kernel_name=kernel_of_this_python, timeout=180,
-                            resources={"metadata": {"path": str(tmp_path)}})
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "\n".join(o.get("text", "") if "text" in o else str(o.get("data", {}).get("text/plain", ""))
                      for o in outputs)
     assert "openelm" in text and "multiplier" in text  # the comparison tables were produced
-    assert "lockstep" in text  # the L(N, D) fit explains why it cannot be made here, instead of numbers
+    assert "tokens D are the same" in text  # the L(N, D) fit explains why it cannot be made here, instead of numbers
+
+
+@pytest.mark.parametrize("where", ["notebook directory", "outside the checkout"])
+def test_notebook_default_sweep_is_under_the_repository_root_wherever_jupyter_starts(where, tmp_path,
+                                                                                      kernel_of_this_python,
+                                                                                      monkeypatch):
+    monkeypatch.delenv("ELMJAX_SWEEP_DIR", raising=False)
+    nb = nbformat.read(NOTEBOOKS / "sweep_analysis.ipynb", as_version=4)
+    first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells = nb.cells[:first_code + 1] + [nbformat.v4.new_code_cell("print(repr(str(SWEEP)))")]
+    cwd = NOTEBOOKS if where == "notebook directory" else tmp_path
+    NotebookClient(nb, kernel_name=kernel_of_this_python, timeout=120,
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    printed = nb.cells[-1].outputs[0]["text"].strip()
+    assert printed == repr(str(REPO / "runs" / "quickstart"))

@@ -108,3 +108,28 @@ def test_training_curves_one_panel_per_budget(sweep):
     assert len(fig.axes) == 3
     n_runs = curves[(curves["metric"] == "val_loss") & (curves["budget"] == 1.5e5)]["run"].nunique()
     assert len([line for line in fig.axes[0].lines if len(line.get_xdata()) == 3]) == n_runs
+
+
+def test_fitted_curves_are_solid_over_the_data_and_dashed_beyond(sweep):
+    df, _, _ = sweep
+    uni = df[df["is_uniform"] & df["finished"]]
+    fit = fit_power_law(uni["params"], uni["val_loss"], n_boot=50)
+    ax = plots.plot_scaling(df, fits={"uniform": fit}).axes[0]
+    solid = [ln for ln in ax.lines if ln.get_linestyle() == "-"]
+    dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    lo, hi = uni["params"].min(), uni["params"].max()
+    assert len(solid) == 1 and len(dashed) == 2
+    x = solid[0].get_xdata()
+    assert x.min() == pytest.approx(lo) and x.max() == pytest.approx(hi)  # not extended beyond the runs
+    assert max(d.get_xdata().max() for d in dashed) > hi and min(d.get_xdata().min() for d in dashed) < lo
+    assert any("extrapolated" in t.get_text() for t in ax.texts)
+
+
+def test_head_counts_get_integer_ticks_and_eval_points_are_marked(sweep):
+    df, curves, _ = sweep
+    small = df[~df["is_uniform"]].head(1).assign(q_heads="[1, 2, 2]", kv_heads="[1, 1, 1]", ffn_dims="[32, 48, 64]")
+    ax_h = plots.plot_allocation(small).axes[0]  # 1-2 heads: a default axis would tick 1.2, 1.4, ...
+    ticks = ax_h.get_yticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
+    ax = plots.plot_training_curves(curves, df, "val_loss").axes[0]
+    assert ax.lines and all(ln.get_marker() == "o" for ln in ax.lines if len(ln.get_xdata()))

@@ -28,7 +28,7 @@ def test_small_sweep_with_failures(tmp_path, capsys):
         assert f"## {section}" in text
     assert "RuntimeError: out of memory" in text and "diverged" in text  # left-out runs are listed
     assert "| openelm | 150,000 | 2 |" in text  # paired comparison row with both seeds
-    assert "lockstep" in text  # L(N, D) is not identifiable here, and the report says why
+    assert "tokens D are the same" in text and "lockstep" not in text  # L(N, D): constant tokens, said so
     assert "chance (0.25)" in text
     figures = _figures(report)
     for name in ("diff_val_loss", "loss_vs_params", "loss_vs_compute", "training_curves", "allocation",
@@ -45,7 +45,8 @@ def test_degenerate_sweeps_report_reasons_not_numbers(tmp_path):
     one = write_sweep(tmp_path / "one", budgets=(2.5e5,), seeds=(0,))
     text = (write_report(one, n_boot=30) / "report.md").read_text()
     assert "cannot fit" in text and "needs at least 4 usable points" in text
-    assert "single seed: no interval" in text and "undetermined (1 seed)" in text
+    assert "single seed: no interval" in text and "undetermined (1 pair)" in text
+    assert "not enough seeds for an interval" in text
 
     dead = write_sweep(tmp_path / "dead", budgets=(1.5e5, 2.5e5), seeds=(0,),
                        failed=tuple((a, b, 0) for a in ("openelm", "uniform") for b in (1.5e5, 2.5e5)))
@@ -72,3 +73,72 @@ def test_cli_errors(tmp_path, capsys):
     assert "no results.parquet, results.csv or run directories" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty"), "--chance", "no-equals-sign"])
+
+
+def _set_column(sweep, col, value):
+    import pandas as pd
+
+    df = pd.read_parquet(sweep / "results.parquet")
+    df[col] = value
+    df.to_parquet(sweep / "results.parquet", index=False)
+    df.to_csv(sweep / "results.csv", index=False)
+
+
+def test_a_constant_accuracy_column_is_reported_as_unfittable_not_a_crash(tmp_path, capsys):
+    """A constant eval accuracy used to stop the report with LinAlgError: Singular matrix."""
+    sweep = write_sweep(tmp_path / "flat", eval_tasks=("toy",))
+    _set_column(sweep, "eval.toy.acc", 0.5)
+    assert main([str(sweep), "--n-boot", "40"]) == 0
+    text = (sweep / "report" / "report.md").read_text()
+    assert "### eval.toy.acc" in text
+    assert "cannot fit: fit_accuracy_sigmoid: accuracy is the same (0.5) at every point" in text
+    assert "cannot fit: fit_two_step_accuracy: accuracy is the same (0.5) at every point" in text
+
+
+def test_report_opens_with_a_short_summary_and_hides_intervals_of_flagged_fits(tmp_path):
+    sweep = write_sweep(tmp_path / "s", seeds=(0, 1, 2))
+    text = (write_report(sweep, n_boot=40) / "report.md").read_text()
+    head = text.split("\n## ")[0]
+    summary = head[head.index("**Summary.**"):].split("\n\n")[0].splitlines()
+    assert 3 <= len(summary) <= 5, summary
+    assert "Compared: openelm against their uniform twins at 3 params budget(s), 3 seed(s)" in summary[0]
+    assert re.search(r"openelm minus its twin, val_loss per budget \[95% interval\]: 150,000: -?[\d.]+ \[", summary[1])
+    assert "Evidence: " in summary[1]
+    # The power laws through 3 sizes are flagged (3 points, 3 parameters): estimates only, no interval numbers.
+    scaling = text.split("## Scaling fits")[1].split("## ")[0]
+    rows = [line for line in scaling.splitlines() if line.startswith("| openelm |") or line.startswith("| uniform |")]
+    assert rows and all("(flagged: no interval)" in r and "[" not in r for r in rows), rows
+    assert "only 3 distinct" in scaling  # the flag itself is printed
+
+
+def test_arm_twin_pairs_of_different_sizes_are_flagged_in_the_report(tmp_path):
+    import pandas as pd
+
+    sweep = write_sweep(tmp_path / "s", budgets=(2.5e5,), seeds=(0, 1, 2), results=("parquet",))
+    df = pd.read_parquet(sweep / "results.parquet")
+    twin_params = df.set_index("run")["params"]
+    arms = df.index[~df["is_uniform"]]
+    df.loc[arms, "params"] = [twin_params[t] for t in df.loc[arms, "twin"]]  # matched exactly
+    df.to_parquet(sweep / "results.parquet", index=False)
+    text = (write_report(sweep, n_boot=20) / "report.md").read_text()
+    assert "Size mismatch" not in text and "Caution" not in text
+    arm = arms[0]
+    df.loc[arm, "params"] = int(twin_params[df.loc[arm, "twin"]] * 1.044)
+    df.to_parquet(sweep / "results.parquet", index=False)
+    text = (write_report(sweep, n_boot=20) / "report.md").read_text()
+    assert "**Size mismatch:** 1 arm/twin pair(s)" in text
+    assert f"- {df.loc[arm, 'run']} (" in text and ": 4.4%" in text
+    assert "Caution: " in text.split("\n## ")[0]  # named in the summary too
+
+
+def test_chance_for_a_missing_column_and_a_torn_status_json_are_one_line_errors(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "s", budgets=(2.5e5,), seeds=(0,), results=())  # read from the run dirs
+    assert main([str(sweep), "--n-boot", "20", "--chance", "eval.nope.acc=0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no column 'eval.nope.acc'" in err and "val_acc" in err
+    assert not (sweep / "report").exists()
+    status = next(sweep.glob("runs/*/status.json"))
+    status.write_text('{"state": "do')  # torn by a kill mid-write (or a copy taken mid-write)
+    assert main([str(sweep), "--n-boot", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(status) in err and "not valid JSON" in err, err

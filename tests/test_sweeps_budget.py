@@ -9,7 +9,7 @@ import pytest
 from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.model_config import PRESETS, SCHEDULES, ModelConfig
 from sweeps.arms import Arm, apply_arm, is_uniform, mean_multipliers
-from sweeps.budget import AUTO_STEPS, BudgetError, make_measure, solve_twin, solve_width
+from sweeps.budget import AUTO_STEPS, COARSE_SLACK, BudgetError, make_measure, solve_twin, solve_width
 from sweeps.tokens import TokenSpec, trained_tokens
 
 TOL = 0.01
@@ -136,3 +136,43 @@ def test_unreachable_budgets_raise_with_the_closest_candidate():
     for budget in (below * 0.9999, above * 1.0001):
         fit = solve_width(lambda d: apply_arm(arm, model, d), measure, budget, TOL, min_width=16)
         assert abs(fit.rel_error) <= TOL
+
+
+def test_raising_the_tolerance_never_trades_a_close_width_for_a_coarse_one():
+    """The quickstart's openelm arm at 250k: with a 5% tolerance the solver used to take width 76 (-2.79%),
+    the first step-4 multiple inside the tolerance, over 77 (-0.03%)."""
+    from sweeps.arms import parse_arm
+
+    model = ModelConfig(num_layers=4, head_dim=16, num_gqa_groups=2, ffn_dim_divisor=16, vocab_size=259)
+    shape = lambda d: apply_arm(parse_arm("openelm", "openelm"), model, d)  # noqa: E731
+    measure = make_measure("params", 64, 64 * 8, 1)
+    for tol in (0.01, 0.05, 0.2):
+        fit = solve_width(shape, measure, 2.5e5, tol, AUTO_STEPS, model.head_dim)
+        assert fit.model.model_dim == 77 and fit.rel_error == pytest.approx(-0.0003, abs=1e-4), tol
+
+
+def test_a_coarse_width_wins_only_when_it_is_practically_as_close_as_the_best():
+    shape = lambda d: ModelConfig(num_layers=1, model_dim=d, head_dim=16)  # noqa: E731
+    width = lambda m: float(m.model_dim)  # noqa: E731
+    # 1280 (a multiple of 128) is 0.04% off, 1281 0.04% off the other way: the round width wins.
+    assert solve_width(shape, width, 1280.5, 0.05, AUTO_STEPS).model.model_dim == 1280
+    # 1290 is exact and 1280 0.78% off: the exact width wins, whatever the tolerance.
+    for tol in (0.01, 0.05):
+        assert solve_width(shape, width, 1290, tol, AUTO_STEPS).model.model_dim == 1290
+    # Within COARSE_SLACK of the best, the coarsest width wins (1280 at -0.08% over 1281 at 0%).
+    assert COARSE_SLACK == 0.001
+    assert solve_width(shape, width, 1281, 0.05, AUTO_STEPS).model.model_dim == 1280
+    assert solve_width(shape, width, 1282, 0.05, AUTO_STEPS).model.model_dim == 1282  # 1280 is 0.16% off
+
+
+def test_the_solver_is_as_close_as_any_width_up_to_the_slack_over_many_random_arms():
+    rng = random.Random(99)
+    for _ in range(60):
+        model, arm, measure, target = random_case(rng)
+        shape = lambda d: apply_arm(arm, model, d)  # noqa: E731
+        for tol in (TOL, 0.05):
+            try:
+                fit = solve_width(shape, measure, target, tol, AUTO_STEPS, model.head_dim)
+            except BudgetError:
+                continue
+            assert abs(fit.rel_error) <= brute_force_best(shape, measure, target) + COARSE_SLACK + 1e-12

@@ -264,3 +264,65 @@ def test_processes_of_one_multi_host_run_on_different_shards_stop_with_a_clear_e
     assert all(p.returncode != 0 for p in procs)
     assert all("on different shards [0, 1]" in out for out in outputs), outputs
     assert not list((tmp_path / "out" / "runs").glob("*/status.json"))  # nothing trained
+
+
+def test_diverged_runs_are_skipped_unless_retry_diverged_is_given(tmp_path, capsys):
+    """A run recorded as diverged (here: as a corrupted checkpoint would leave it) is retried only on request."""
+    import shutil
+
+    model = {**TINY_BASE["model"], "model_dim": 32, "qkv_multipliers": 1.0, "ffn_multipliers": 2.0}  # one run
+    base = {**TINY_BASE, "model": model, "train": {**TINY_BASE["train"], "steps": 12},
+            "checkpoint": {"every": 4, "keep": 3}, "compilation_cache": str(tmp_path / "xla")}
+    grid = write_grid(tmp_path / "div.yaml", {"seed": [0]}, base=base)
+    out = tmp_path / "sweep"
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    run_dir = out / "runs" / build_plan(load_grid(grid))[0].name
+    done_metrics = rd.read_metrics(run_dir)
+    # Back to how a divergence at step 10 leaves it: no checkpoint past step 8, no final.json, status diverged.
+    shutil.rmtree(run_dir / "checkpoints" / "12")
+    (run_dir / "final.json").unlink()
+    rd.write_status(run_dir, "diverged", step=10, total_steps=12, error="non-finite loss or gradient at step 10")
+    capsys.readouterr()
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report", "--retry-failed"]) == 0
+    assert "diverged earlier (a result; rerun with --retry-diverged" in capsys.readouterr().out
+    assert rd.read_status(run_dir)["state"] == "diverged"
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report", "--retry-diverged"]) == 0
+    assert f"{run_dir.name}: training" in capsys.readouterr().out
+    assert results(out)["status"].tolist() == ["done"]
+    assert train_steps(run_dir) == list(range(2, 13, 2))  # resumed from step 8: nothing lost, nothing twice
+    assert rd.read_metrics(run_dir)[-1]["val_loss"] == pytest.approx(done_metrics[-1]["val_loss"], rel=1e-5)
+
+
+def _tree(root: Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_out_that_is_not_a_sweep_is_refused_without_writing_anything(tmp_path, capsys, monkeypatch):
+    from sweeps.driver import Summary
+
+    monkeypatch.setattr(run, "run_sweep", lambda *a, **k: Summary())  # about where the sweep goes, not training
+    grid = write_grid(tmp_path / "g.yaml", {"seed": [0]})
+    busy = tmp_path / "project"
+    busy.mkdir()
+    (busy / "results.csv").write_text("precious,data\n1,2\n")
+    (busy / "report").mkdir()
+    (busy / "report" / "notes.md").write_text("mine")
+    before = _tree(busy)
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(busy) in err and "not a sweep (no plan.json)" in err and "--force" in err
+    assert _tree(busy) == before
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{a_file} is a file, not a directory" in err, err
+    assert a_file.read_text() == "x"
+
+    # --force writes into it; after that it is a sweep, and a rerun needs no --force.
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report", "--dry-run"]) == 0
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report", "--force"]) == 0
+    assert (busy / "plan.json").exists() and (busy / "report" / "notes.md").read_text() == "mine"
+    assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report"]) == 0
