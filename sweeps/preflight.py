@@ -91,9 +91,11 @@ def format_row(i: int, s: Shape) -> str:
 
 
 def run_preflight(runs, devices: int | None = None, accelerator: str | None = None,
-                  hbm_gib: float | None = None, out=sys.stdout) -> int:
+                  hbm_gib: float | None = None, out=None) -> int:
     """Compile each distinct shape once, print the table; 0 all fit, 1 some don't, 2 some can't compile."""
     from elmjax import preflight as pf
+
+    out = out or sys.stdout  # looked up per call: a default bound at import goes stale under redirection
 
     if accelerator is not None and accelerator not in pf.ACCELERATOR_NAMES:
         print(f"error: --accelerator must be one of {', '.join(pf.ACCELERATOR_NAMES)}, got {accelerator!r}", file=sys.stderr)
