@@ -34,9 +34,10 @@ from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab
 from elmjax.distributed import maybe_initialize
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
-from elmjax.optim import lr_schedule, make_optimizer
-from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings, replicated
-from elmjax.train_step import TrainState, abstract_model, init_params, make_eval_step, make_train_step, state_shardings
+from elmjax.optim import lr_schedule
+from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, replicated
+from elmjax.state import TrainState, abstract_model, state_layout
+from elmjax.train_step import make_eval_step, make_train_step
 
 log = logging.getLogger("elmjax.train")
 
@@ -153,34 +154,6 @@ def _check_shapes(config: Config, mesh) -> None:
         raise config_io.ConfigError(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data_vocab})"
         )
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """How a run's train state is built and placed on ``mesh``."""
-
-    create: object  # () -> TrainState, freshly initialised
-    shardings: TrainState  # explicit NamedShardings, leaf for leaf
-    target: TrainState  # ShapeDtypeStructs with those shardings: the restore target
-    param_shardings: dict
-    optimizer: object
-
-
-def state_layout(config: Config, mesh) -> StateLayout:
-    _, abs_model_state = abstract_model(config.model)
-    param_sh = param_shardings(abs_model_state, mesh)
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
-    seed = config.train.seed
-
-    def create() -> TrainState:
-        params = init_params(config.model, seed)
-        rng = jax.random.key_data(jax.random.key(seed))
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
-
-    abstract = jax.eval_shape(create)
-    shardings = state_shardings(optimizer, param_sh, abstract, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-    return StateLayout(create, shardings, target, param_sh, optimizer)
 
 
 def _setup(config: Config, ckpt: Checkpointer) -> _Session:
@@ -415,28 +388,6 @@ def _tensorboard(path: Path):
     except ImportError:  # optional at run time
         return None
     return SummaryWriter(str(path / "tb"))
-
-
-def restore_params(config: Config, dtype: str | None = None):
-    """The model of a run directory's latest readable checkpoint (single device).
-
-    Needs only the checkpoint: no training data, no fresh initialisation."""
-    from flax import nnx
-
-    from elmjax.checkpoint import CheckpointError
-    from elmjax.config import MeshConfig
-
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
-    ckpt = Checkpointer(config.run_dir, config.checkpoint)
-    try:
-        restored = ckpt.restore_latest(state_layout(config, mesh).target)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise CheckpointError(f"{config.run_dir}: no checkpoint to load")
-    state, _, _ = restored
-    graphdef, _ = abstract_model(config.model.replace(dtype=dtype) if dtype else config.model)
-    return nnx.merge(graphdef, state.params)
 
 
 def main(argv=None) -> int:

@@ -100,3 +100,27 @@ def test_load_model_without_a_checkpoint_is_a_clear_error(tmp_path):
     (d / "config.yaml").write_text(config_io.dump_yaml(tiny_config(d)))
     with pytest.raises(CheckpointError, match="no checkpoint to load"):
         load_model(d)
+
+
+def test_checkpoint_of_an_older_version_with_an_rng_still_restores(tmp_path, finished):
+    # Before TrainState lost its unused rng, checkpoints held one: they must
+    # still resume (the extra item is skipped, not an "unreadable" fallback).
+    import orbax.checkpoint as ocp
+
+    from elmjax.checkpoint import _as_dict
+
+    d = tmp_path / "run"
+    shutil.copytree(finished.run_dir, d)
+    cfg = finished.replace(run_dir=str(d))
+    ckpt = Checkpointer(d, cfg.checkpoint)
+    session = _setup(cfg, ckpt)
+    ckpt.close()
+    old = dict(_as_dict(session.state), rng=jax.numpy.zeros(2, jax.numpy.uint32))
+    with ocp.CheckpointManager(d / "checkpoints", item_names=("state", "data")) as writer:  # as the old code saved
+        writer.save(15, args=ocp.args.Composite(state=ocp.args.StandardSave(old), data=ocp.args.JsonSave({"iterator": {}})))
+    ckpt = Checkpointer(d, cfg.checkpoint)
+    restored = ckpt.restore_latest(session.state)
+    ckpt.close()
+    assert restored[2] == 15
+    for a, b in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(session.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
