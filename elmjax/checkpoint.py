@@ -260,7 +260,8 @@ def restore_params(config: Config, dtype: str | None = None, *, mesh=None, allow
             raise CheckpointError(f"{msg}. Rerun training to rewrite it, or load_model(..., allow_older=True)")
         log.warning("%s: loading step %d", msg, step)
     log.info("loaded %s step %d", config.run_dir, step)
-    graphdef, _ = abstract_model(config.model.replace(dtype=dtype) if dtype else config.model)
+    graphdef, _ = abstract_model(config.model, dtype=dtype or config.execution.dtype,
+                                 attention=config.execution.attention)
     model = nnx.merge(graphdef, state.params)
     model.checkpoint_step = step  # which step these parameters are from
     return model

@@ -48,3 +48,40 @@ def test_two_processes_match_single_process_eight_devices(tmp_path):
         assert x["step"] == y["step"]
         assert y[key] == pytest.approx(x[key], rel=1e-5)
     assert rd.read_status(multi)["state"] == "done"
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    # Each process sees its own signal; unless they agree on the step, the
+    # signalled one enters the collective save while the other runs the
+    # collective train step, and both hang.
+    import signal
+    import time
+
+    d = tmp_path / "run"
+    cfg = tiny_config(d, "mesh.data=-1", "train.steps=100000", "train.log_every=1", "checkpoint.every=100000")
+    cfg_path = write_config(cfg, tmp_path / "c.yaml")
+    port = _free_port()
+    procs, logs = [], [tmp_path / f"proc{pid}.log" for pid in range(2)]
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   ELMJAX_COORDINATOR=f"127.0.0.1:{port}", ELMJAX_NUM_PROCESSES="2", ELMJAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-m", "elmjax.train", str(cfg_path)], env=env,
+                                      stdout=open(logs[pid], "w"), stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + 300
+        while not any(r.get("step", 0) >= 3 for r in rd.read_metrics(d)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # the non-lead process only
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [130, 130], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    status = rd.read_status(d)
+    step = status["step"]
+    assert status["state"] == "pending" and step >= 3
+    assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [step]
+    for log in logs:
+        assert f"at step {step})" in log.read_text()
