@@ -50,6 +50,7 @@ def test_two_processes_match_single_process_eight_devices(tmp_path):
     assert rd.read_status(multi)["state"] == "done"
 
 
+@pytest.mark.slow  # two processes start and compile: about 80 s on 2 busy cores
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     # Each process sees its own signal; unless they agree on the step, the
     # signalled one enters the collective save while the other runs the
