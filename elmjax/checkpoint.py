@@ -7,10 +7,11 @@ restores skip) and ``data`` (the grain iterator state and the last train
 metrics, as JSON).
 
 Integrity: saves are asynchronous; orbax writes to a temporary directory and
-renames it when complete. Once a save is complete (before the next save, in
-``wait`` and in ``close``) process 0 writes ``elmjax.sha256.json`` into the
-step directory: the SHA-256 of every file in it. A restore checks it first,
-so a flipped bit is caught instead of silently changing the model.
+renames it when complete. Once a save is complete, process 0 writes
+``elmjax.sha256.json`` into the step directory: the SHA-256 of every file in
+it (in a background thread started at the next save, or in ``wait`` and
+``close``). A restore checks it first, so a flipped bit is caught instead of
+silently changing the model.
 
 Unreadable steps: a step whose checksum does not match, or whose files orbax
 cannot read, is skipped with a warning in favour of the previous one; every
@@ -24,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 
 import jax
@@ -31,7 +34,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from elmjax.config import CheckpointConfig, Config, MeshConfig
-from elmjax.config_io import atomic_write_text
 from elmjax.sharding import make_mesh, param_shardings
 from elmjax.state import TrainState, abstract_model
 
@@ -91,6 +93,25 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _write_manifests(directory: Path, steps: list[int]) -> None:
+    for step in steps:
+        d = directory / str(step)
+        if not d.is_dir():  # already removed by max_to_keep
+            continue
+        try:
+            files = {str(p.relative_to(d)): _sha256(p) for p in sorted(d.rglob("*"))
+                     if p.is_file() and p.name != MANIFEST}
+            # Not config_io.atomic_write: it creates missing parents, and a
+            # step directory recreated after max_to_keep removed it would
+            # look like a (broken) checkpoint.
+            tmp = d / f".{MANIFEST}.tmp"
+            tmp.write_text(json.dumps({"sha256": files}, indent=0) + "\n")
+            os.replace(tmp, d / MANIFEST)
+        except OSError as e:  # deleted meanwhile (max_to_keep): nothing to protect
+            if d.is_dir():
+                log.warning("could not write the checksums of checkpoint step %d in %s: %s", step, directory, e)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
         self.directory = Path(run_dir).absolute() / "checkpoints"
@@ -104,12 +125,14 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self.unreadable: dict[int, str] = {}  # step -> why, found by restore_latest
         self._unsealed: list[int] = []  # saved, checksums not yet written
+        self._hasher: threading.Thread | None = None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict, *, force: bool = False) -> None:
-        self._seal()
+        # With keep=1 this save makes orbax delete the step being hashed.
+        self._seal(block=self.cfg.keep == 1)
         if step in self.manager.all_steps():
             if step not in self.unreadable:
                 return  # the checkpoint this run resumed from
@@ -120,19 +143,22 @@ class Checkpointer:
         self.manager.save(step, args=args, force=force)
         self._unsealed.append(step)
 
-    def _seal(self) -> None:
-        """Wait for pending saves, then record the checksums of their files."""
+    def _seal(self, *, block: bool = True) -> None:
+        """Once pending saves are complete, record the checksums of their files:
+        now, or (``block=False``, before the next save) in a background thread
+        so hashing a large checkpoint does not hold up training."""
         self.manager.wait_until_finished()
+        if self._hasher is not None:
+            self._hasher.join()
+            self._hasher = None
         steps, self._unsealed = self._unsealed, []
-        if jax.process_index() != 0:
+        if jax.process_index() != 0 or not steps:
             return
-        for step in steps:
-            d = self.directory / str(step)
-            if not d.is_dir():  # already garbage-collected by max_to_keep
-                continue
-            files = {str(p.relative_to(d)): _sha256(p) for p in sorted(d.rglob("*"))
-                     if p.is_file() and p.name != MANIFEST}
-            atomic_write_text(d / MANIFEST, json.dumps({"sha256": files}, indent=0) + "\n")
+        if block:
+            _write_manifests(self.directory, steps)
+        else:
+            self._hasher = threading.Thread(target=_write_manifests, args=(self.directory, steps), daemon=True)
+            self._hasher.start()
 
     def verify(self, step: int) -> None:
         """Raise _Corrupt unless every file of ``step`` matches its checksum.
