@@ -190,8 +190,9 @@ class Checkpointer:
         step."""
         tree = {"params": abstract_state.params} if params_only else _as_dict(abstract_state)
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), tree)
-        items = {"state": _restore_args(target)} if params_only else {"state": _restore_args(target),
-                                                                       "data": ocp.args.JsonRestore()}
+        items = {"state": _restore_args(target)}
+        if not params_only:
+            items["data"] = ocp.args.JsonRestore()
         steps = self.steps()
         for step in reversed(steps):
             restored, why = None, None
