@@ -23,8 +23,8 @@ from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_f
 from elmjax.model_config import ModelConfig, preset
 from elmjax.optim import lr_schedule
 from elmjax.sharding import batch_sharding, make_mesh
-from elmjax.train import state_layout
-from elmjax.train_step import abstract_model, make_train_step
+from elmjax.state import abstract_model, state_layout
+from elmjax.train_step import make_train_step
 
 SMALL = ModelConfig(num_layers=8, model_dim=256, head_dim=32, num_gqa_groups=2, ffn_dim_divisor=64, vocab_size=4096)
 

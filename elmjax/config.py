@@ -80,6 +80,15 @@ class CheckpointConfig:
     keep: int = 2  # most recent checkpoints kept
     async_save: bool = True
 
+    def __post_init__(self):
+        # keep=0 would end a run "done" with no checkpoint (the model lost);
+        # every=0 would divide by zero mid-run. Turn checkpoints off with
+        # checkpoint.enabled=false instead.
+        if self.every < 1:
+            raise ValueError(f"checkpoint.every must be >= 1 step, got {self.every} (use checkpoint.enabled=false to turn checkpoints off)")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1 (the final model is a checkpoint), got {self.keep}")
+
 
 @dataclass(frozen=True)
 class ExecutionConfig:

@@ -54,3 +54,36 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     _initialized = True
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+class StopAgreement:
+    """A stop request every process acts on at the same step.
+
+    Each process sees its own SIGTERM at its own time; if each saved when it
+    saw it, one process would enter the collective save while the others run
+    the collective train step, and all would hang. So every step each process
+    contributes its local flag to a tiny all-reduce, and all stop when the
+    result says so. The result of step n is read at step n+1, after step
+    n+1 is dispatched, so the loop never waits on it; every process reads the
+    same value at the same step. One process: the local flag, no collective."""
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self._pending = None
+        if self.multi:
+            import numpy as np
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+            mesh = Mesh(np.array(jax.devices()), ("p",))
+            self._sharding = NamedSharding(mesh, P("p"))
+            self._any = jax.jit(lambda f: f.max(), out_shardings=NamedSharding(mesh, P()))
+            self._local = np.zeros((jax.local_device_count(),), np.int32)
+
+    def __call__(self, local: bool) -> bool:
+        """Called once per step by every process: True when all must stop now."""
+        if not self.multi:
+            return local
+        self._local[:] = int(local)
+        flag = self._any(jax.make_array_from_process_local_data(self._sharding, self._local))
+        previous, self._pending = self._pending, flag
+        return previous is not None and bool(previous)

@@ -19,14 +19,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from elmjax.checkpoint import CheckpointError
 from elmjax.config_io import atomic_write, atomic_write_text, to_dict
 from elmjax.layout import layer_layout
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the OpenELM layout; the message names the key."""
 
 
 _REQUIRED = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size")

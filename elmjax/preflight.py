@@ -54,15 +54,6 @@ def force_host_devices(n: int) -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
-def _state_layout(config, mesh):
-    # The state code moves to elmjax.state (issue 9); this is its one import here.
-    try:
-        from elmjax.state import state_layout
-    except ImportError:
-        from elmjax.train import state_layout
-    return state_layout(config, mesh)
-
-
 def _compute_dtype(config) -> str:
     return config.execution.dtype
 
@@ -87,7 +78,9 @@ def compile_step(config) -> Compiled:
     except MeshError as e:
         raise PreflightError(str(e)) from None
     check_batch(config, mesh)
-    layout = _state_layout(config, mesh)
+    from elmjax.state import state_layout
+
+    layout = state_layout(config, mesh)
     t0 = time.perf_counter()
     compiled = jit_train_step(config, mesh, layout).lower(layout.target, abstract_batch(config, mesh)).compile()
     return Compiled(compiled, layout, mesh, time.perf_counter() - t0)

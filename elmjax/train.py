@@ -24,20 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from elmjax import config_io, run_dir as rd
+from elmjax import config_io, run_dir as rd, tb_log
 from elmjax.checkpoint import Checkpointer
 from elmjax.config import Config, identity
 from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
-from elmjax.distributed import maybe_initialize
+from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
-from elmjax.optim import make_optimizer
-from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings, replicated
+from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, replicated
+from elmjax.state import TrainState, abstract_model, state_layout
 from elmjax.train_program import jit_train_step
-from elmjax.train_step import TrainState, abstract_model, init_params, make_eval_step, state_shardings
+from elmjax.train_step import make_eval_step
 
 log = logging.getLogger("elmjax.train")
 
@@ -156,34 +155,6 @@ def _check_shapes(config: Config, mesh) -> None:
         )
 
 
-@dataclass(frozen=True)
-class StateLayout:
-    """How a run's train state is built and placed on ``mesh``."""
-
-    create: object  # () -> TrainState, freshly initialised
-    shardings: TrainState  # explicit NamedShardings, leaf for leaf
-    target: TrainState  # ShapeDtypeStructs with those shardings: the restore target
-    param_shardings: dict
-    optimizer: object
-
-
-def state_layout(config: Config, mesh) -> StateLayout:
-    _, abs_model_state = abstract_model(config.model)
-    param_sh = param_shardings(abs_model_state, mesh)
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
-    seed = config.train.seed
-
-    def create() -> TrainState:
-        params = init_params(config.model, seed)
-        rng = jax.random.key_data(jax.random.key(seed))
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
-
-    abstract = jax.eval_shape(create)
-    shardings = state_shardings(optimizer, param_sh, abstract, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-    return StateLayout(create, shardings, target, param_sh, optimizer)
-
-
 def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
@@ -265,9 +236,17 @@ class _Loop:
             self.data.set_state(session.data_state["iterator"])
             self.wall_prev = float(session.data_state.get("wall_time_s", 0.0))
         self.metrics = rd.MetricsLog(path, resume_step=session.start_step) if lead else None
-        self.tb = _tensorboard(path) if lead else None
         self.pending: list[tuple[int, dict]] = []
-        self.last_train: dict = {}
+        # The last fetched train metrics travel in the checkpoint, so a run
+        # resumed at its final step still reports its final train loss.
+        self.last_train: dict = dict(session.data_state.get("last_train", {})) if session.data_state else {}
+        self.tb = tb_log.open_writer(path, resume_step=session.start_step) if lead else None
+        # Resumed from the final checkpoint (killed before final.json): the
+        # final eval row is already in metrics.jsonl and must not be repeated.
+        self.final_eval_logged = lead and session.start_step == self.total and any(
+            r.get("kind") == "eval" and r.get("step") == self.total for r in rd.read_metrics(path))
+        self.agree = StopAgreement()
+        self.stopping = False
         self.t0 = time.time()
         self.window_start = (session.start_step, time.time())
 
@@ -302,7 +281,8 @@ class _Loop:
     def _after_step(self, step: int, batch_np: np.ndarray, bar) -> RunResult | None:
         cfg = self.cfg
         last = step == self.total
-        if step % cfg.train.log_every == 0 or last or self.stop.event.is_set() or step % cfg.checkpoint.every == 0:
+        self.stopping = self.agree(self.stop.event.is_set())
+        if step % cfg.train.log_every == 0 or last or self.stopping or step % cfg.checkpoint.every == 0:
             bad = self._flush_pending()
             if bad is not None:
                 return self._diverged(bad)
@@ -312,14 +292,14 @@ class _Loop:
             self._log_eval(step)
         if cfg.checkpoint.enabled and step % cfg.checkpoint.every == 0 and not last:
             self._save(step)
-        if self.stop.event.is_set() and not last:  # at the last step, just finish
+        if self.stopping and not last:  # at the last step, just finish
             self._save(step)
             self.ckpt.wait()
+            name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another process"
             if self.lead:
-                name = signal.Signals(self.stop.signum).name
                 rd.write_status(self.path, "pending", step=step, total_steps=self.total,
                                 error=f"interrupted by {name} at step {step}; checkpoint saved, rerun to resume")
-            raise Interrupted(f"{signal.Signals(self.stop.signum).name} at step {step}")
+            raise Interrupted(f"{name} at step {step}")
         return None
 
     def _flush_pending(self) -> int | None:
@@ -361,12 +341,15 @@ class _Loop:
         }
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self._emit(row)
+        if self.lead:
+            rd.write_status(self.path, "running", step=step, total_steps=self.total)
         if self.callback is not None:
             self.callback(step, self.total, row)
 
-    def _log_eval(self, step: int) -> dict:
+    def _log_eval(self, step: int, emit: bool = True) -> dict:
         ev = evaluate(self.s, self.s.state.params)
-        self._emit({"kind": "eval", "step": step, "tokens": step * self.cfg.tokens_per_step, **ev, "time": time.time()})
+        if emit:
+            self._emit({"kind": "eval", "step": step, "tokens": step * self.cfg.tokens_per_step, **ev, "time": time.time()})
         return ev
 
     def _emit(self, row: dict) -> None:
@@ -376,15 +359,17 @@ class _Loop:
             for k, v in row.items():
                 if isinstance(v, float) and k not in ("time",):
                     self.tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+            self.tb.flush()  # with each metrics line: a kill loses no more than metrics.jsonl does
 
     def _save(self, step: int) -> None:
         if not self.cfg.checkpoint.enabled:
             return
-        state = {"iterator": self.data.get_state(), "wall_time_s": self.wall_prev + time.time() - self.t0}
+        state = {"iterator": self.data.get_state(), "wall_time_s": self.wall_prev + time.time() - self.t0,
+                 "last_train": self.last_train}
         self.ckpt.save(step, self.s.state, state)
 
     def _finish(self, step: int) -> RunResult:
-        ev = self._log_eval(step)
+        ev = self._log_eval(step, emit=not self.final_eval_logged)
         self._save(step)
         self.ckpt.wait()
         counts = param_counts(self.cfg.model)
@@ -404,37 +389,6 @@ class _Loop:
             log.info("done: %s val_loss %.4f val_bpb %.4f (%d steps, %.0f s)",
                      self.path, ev["val_loss"], ev["val_bpb"], step, final["wall_time_s"])
         return RunResult(self.path, "done", final)
-
-
-def _tensorboard(path: Path):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional at run time
-        return None
-    return SummaryWriter(str(path / "tb"))
-
-
-def restore_params(config: Config, dtype: str | None = None):
-    """The model of a run directory's latest readable checkpoint (single device).
-
-    Needs only the checkpoint: no training data, no fresh initialisation."""
-    from flax import nnx
-
-    from elmjax.checkpoint import CheckpointError
-    from elmjax.config import MeshConfig
-
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
-    ckpt = Checkpointer(config.run_dir, config.checkpoint)
-    try:
-        restored = ckpt.restore_latest(state_layout(config, mesh).target)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise CheckpointError(f"{config.run_dir}: no checkpoint to load")
-    state, _, _ = restored
-    graphdef, _ = abstract_model(config.model, dtype=dtype or config.execution.dtype,
-                                 attention=config.execution.attention)
-    return nnx.merge(graphdef, state.params)
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,8 @@ from elmjax.config import Config
 from elmjax.config_io import ConfigError
 from elmjax.optim import lr_schedule
 from elmjax.sharding import batch_divisor, batch_sharding, replicated
-from elmjax.train_step import abstract_model, make_train_step
+from elmjax.state import abstract_model
+from elmjax.train_step import make_train_step
 
 
 def grad_accum(config: Config) -> int:

@@ -5,33 +5,14 @@ Batches are int32 token rows [B, L+1]: inputs are [:, :-1], targets [:, 1:].
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from elmjax.model import OpenELM
-from elmjax.model_config import ModelConfig
-from elmjax.sharding import replicated
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict  # pure-dict NNX parameters, float32
-    opt_state: optax.OptState
-    rng: jax.Array  # uint32 key data; folded with the step for any stochastic op
-
-
-def abstract_model(cfg: ModelConfig, **execution):
-    """(graphdef, abstract state) without allocating parameters; ``execution``
-    are OpenELM's dtype / remat / attention keywords."""
-    return nnx.split(nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), **execution)))
-
-
-def init_params(cfg: ModelConfig, seed: int) -> dict:
-    return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+from elmjax.state import TrainState
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array | None = None):
@@ -74,7 +55,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
 
@@ -91,16 +72,3 @@ def make_eval_step(graphdef) -> Callable:
         return {"nll": jnp.sum(nll * w), "correct": jnp.sum(correct * w), "count": jnp.sum(w)}
 
     return eval_step
-
-
-def state_shardings(optimizer, param_sh: dict, abstract_state: TrainState, mesh) -> TrainState:
-    """Explicit shardings: optimizer moments follow their parameters."""
-    rep = replicated(mesh)
-    opt_sh = optax.tree_utils.tree_map_params(
-        optimizer,
-        lambda _, sh: sh,
-        abstract_state.opt_state,
-        param_sh,
-        transform_non_params=lambda _: rep,
-    )
-    return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)

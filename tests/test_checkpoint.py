@@ -4,6 +4,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from elmjax.checkpoint import Checkpointer, CheckpointError, load_model
 from elmjax.hf_interop import save_pretrained
@@ -100,3 +101,74 @@ def test_load_model_without_a_checkpoint_is_a_clear_error(tmp_path):
     (d / "config.yaml").write_text(config_io.dump_yaml(tiny_config(d)))
     with pytest.raises(CheckpointError, match="no checkpoint to load"):
         load_model(d)
+
+
+def test_checkpoint_of_an_older_version_with_an_rng_still_restores(tmp_path, finished):
+    # Before TrainState lost its unused rng, checkpoints held one: they must
+    # still resume (the extra item is skipped, not an "unreadable" fallback).
+    import orbax.checkpoint as ocp
+
+    from elmjax.checkpoint import _as_dict
+
+    d = tmp_path / "run"
+    shutil.copytree(finished.run_dir, d)
+    cfg = finished.replace(run_dir=str(d))
+    ckpt = Checkpointer(d, cfg.checkpoint)
+    session = _setup(cfg, ckpt)
+    ckpt.close()
+    old = dict(_as_dict(session.state), rng=jax.numpy.zeros(2, jax.numpy.uint32))
+    with ocp.CheckpointManager(d / "checkpoints", item_names=("state", "data")) as writer:  # as the old code saved
+        writer.save(15, args=ocp.args.Composite(state=ocp.args.StandardSave(old), data=ocp.args.JsonSave({"iterator": {}})))
+    ckpt = Checkpointer(d, cfg.checkpoint)
+    restored = ckpt.restore_latest(session.state)
+    ckpt.close()
+    assert restored[2] == 15
+    for a, b in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(session.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_model_reads_only_the_parameters(finished, monkeypatch, caplog):
+    import orbax.checkpoint as ocp
+
+    seen = []
+    restore = ocp.CheckpointManager.restore
+
+    def spy(self, step, *args, **kwargs):
+        seen.append(kwargs["args"])
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", spy)
+    with caplog.at_level(logging.INFO, logger="elmjax.checkpoint"):
+        model = load_model(finished.run_dir)
+    assert model.checkpoint_step == 10 and "step 10" in caplog.text
+    [args] = seen
+    assert list(args.keys()) == ["state"]  # no data iterator state
+    assert set(args["state"].item) == {"params"}  # no Adam moments, no step
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(len(x.sharding.device_set) == 1 for x in leaves)
+
+
+@pytest.mark.parametrize("error", [
+    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1234 bytes"),
+    ValueError("Sharding NamedSharding(mesh=..., spec=PartitionSpec('fsdp',)) is incompatible with a shape (3,)"),
+])
+def test_restore_errors_that_are_not_damage_are_raised_as_themselves(finished, monkeypatch, error):
+    # Falling back (and finally telling the user to delete the run) would
+    # hide the real problem: only damaged files make a step unreadable.
+    import orbax.checkpoint as ocp
+
+    from elmjax.config import MeshConfig
+    from elmjax.sharding import make_mesh
+    from elmjax.state import state_layout
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+    ckpt = Checkpointer(finished.run_dir, finished.checkpoint)
+    try:
+        with pytest.raises(type(error), match=str(error)[:20]):
+            ckpt.restore_latest(state_layout(finished, make_mesh(MeshConfig(data=1))).target)
+    finally:
+        ckpt.close()
+    assert ckpt.unreadable == {}

@@ -1,0 +1,79 @@
+"""The train state: what it holds, how it is built, and where it lives on a mesh.
+
+One place for the layout that training, benchmarks and checkpoint restores
+share, so a restore target always matches what training saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from elmjax.config import Config
+from elmjax.model import OpenELM
+from elmjax.model_config import ModelConfig
+from elmjax.optim import make_optimizer
+from elmjax.sharding import param_shardings, replicated
+
+
+class TrainState(NamedTuple):
+    # No RNG: nothing in training is stochastic (no dropout); batches come
+    # from the data seed and initialisation from train.seed.
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict  # pure-dict NNX parameters, float32
+    opt_state: optax.OptState
+
+
+def abstract_model(cfg: ModelConfig, **execution):
+    """(graphdef, abstract state) without allocating parameters; ``execution``
+    are OpenELM's dtype / remat / attention keywords."""
+    return nnx.split(nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), **execution)))
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+    return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def state_shardings(optimizer, param_sh: dict, abstract_state: TrainState, mesh) -> TrainState:
+    """Explicit shardings: optimizer moments follow their parameters."""
+    rep = replicated(mesh)
+    opt_sh = optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, sh: sh,
+        abstract_state.opt_state,
+        param_sh,
+        transform_non_params=lambda _: rep,
+    )
+    return TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """How a run's train state is built and placed on ``mesh``."""
+
+    create: object  # () -> TrainState, freshly initialised
+    shardings: TrainState  # explicit NamedShardings, leaf for leaf
+    target: TrainState  # ShapeDtypeStructs with those shardings: the restore target
+    param_shardings: dict
+    optimizer: object
+
+
+def state_layout(config: Config, mesh) -> StateLayout:
+    _, abs_model_state = abstract_model(config.model)
+    param_sh = param_shardings(abs_model_state, mesh)
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    seed = config.train.seed
+
+    def create() -> TrainState:
+        params = init_params(config.model, seed)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    abstract = jax.eval_shape(create)
+    shardings = state_shardings(optimizer, param_sh, abstract, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+    return StateLayout(create, shardings, target, param_sh, optimizer)
