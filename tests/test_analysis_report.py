@@ -65,6 +65,8 @@ def test_rerun_replaces_the_report_and_isoflop_sweeps(tmp_path):
     assert "N_opt ~ C^a with a = " in text and "isoflop_uniform" in _figures(report)
     assert "Compute-optimal allocation" in text  # tokens vary at fixed size here, so L(N, D) is fitted
     assert "an isoFLOP grid" in text  # no single-variable fits across sizes at fixed FLOPs
+    summary = text[text.index("**Summary.**"):].split("\n\n")[0].splitlines()
+    assert len(summary) == 3 and "uniform models only" in summary[0] and "nothing was compared" in summary[2]
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -101,9 +103,10 @@ def test_report_opens_with_a_short_summary_and_hides_intervals_of_flagged_fits(t
     head = text.split("\n## ")[0]
     summary = head[head.index("**Summary.**"):].split("\n\n")[0].splitlines()
     assert 3 <= len(summary) <= 5, summary
-    assert "Compared: openelm against their uniform twins at 3 params budget(s), 3 seed(s)" in summary[0]
+    assert "Compared: openelm against its uniform twin(s) at 3 params budget(s), 3 seed(s)" in summary[0]
     assert re.search(r"openelm minus its twin, val_loss per budget \[95% interval\]: 150,000: -?[\d.]+ \[", summary[1])
-    assert "Evidence: " in summary[1]
+    assert "Strength of evidence (3 seed pair(s) per comparison): 3 of 3 arm/budget comparisons have an interval (t)" \
+        in summary[2] and "tentative" in summary[2]
     # The power laws through 3 sizes are flagged (3 points, 3 parameters): estimates only, no interval numbers.
     scaling = text.split("## Scaling fits")[1].split("## ")[0]
     rows = [line for line in scaling.splitlines() if line.startswith("| openelm |") or line.startswith("| uniform |")]
