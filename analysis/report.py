@@ -1,7 +1,9 @@
 """``python -m analysis.report SWEEP_DIR``: every figure and table of a sweep, in SWEEP_DIR/report/.
 
-Writes report.md (Markdown tables with bootstrap intervals) and figures/*.png
-and *.pdf. Works on any sweep the loader can read, however small: a fit the
+Writes report.md (a short plain-language summary, then Markdown tables with
+95% intervals) and figures/*.png and *.pdf. Arm-vs-twin differences get no
+interval and no verdict below 3 seed pairs and Student t intervals below 5;
+a flagged fit's estimates are shown without interval numbers. Works on any sweep the loader can read, however small: a fit the
 data cannot support (one budget, one seed, failed runs) is reported with
 the reason instead of numbers, and every FitWarning raised while making a
 section is listed under it. The report directory is built next to the old

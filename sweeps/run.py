@@ -3,6 +3,8 @@
 Plans the grid (validating everything and solving every budget before
 anything is written), then trains this driver's runs into
 ``runs/<grid name>/`` (or ``--out DIR``). Rerun the same command to resume.
+The sweep directory must be new, empty or a sweep (``plan.json``); any other
+non-empty directory is refused unless ``--force``.
 Exit status: 0 every run of this driver's share is done or diverged (or
 held by another driver), 1 some are failed, 2 the grid (or a flag) is
 invalid, 130 interrupted.
