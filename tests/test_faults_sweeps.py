@@ -122,3 +122,14 @@ def test_the_lock_of_a_live_driver_in_a_done_run_is_left_alone(tmp_path):
         assert taken is None and read_lock(run_dir / LOCK_NAME)["token"] == lock.token
     finally:
         lock.release()
+
+
+def test_a_live_pid_that_cannot_be_told_from_a_reused_one_still_goes_stale_by_age(tmp_path):
+    """Without a recorded start time (no /proc) a live pid may be an unrelated process: the timeout applies."""
+    import socket
+
+    path = tmp_path / ".sweep.lock"
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None, "token": "t"}))
+    assert not is_stale(path, stale_after_s=60)
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    assert is_stale(path, stale_after_s=60)
