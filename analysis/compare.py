@@ -10,7 +10,9 @@
   the arm's loss, read off a power law fitted to the uniform runs; the
   interval resamples both the uniform runs (refitting) and the arm's seeds.
 * :func:`rank_arms`: arms (twins included) ranked by mean metric at each
-  budget, with rank intervals and the probability of being best.
+  budget, with rank intervals and the probability of being best; each
+  arm's mean gets an interval by the same seed-count rule as the paired
+  differences.
 
 All take the run table of :func:`analysis.load.load_sweep`. Unfinished runs
 (failed, diverged, pending, NaN metric) never enter a comparison; a pair
@@ -302,13 +304,20 @@ def rank_arms(df: pd.DataFrame, metric: str = "val_loss", *, n_boot: int = 2000,
         boot = np.stack([v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1) for v in values], axis=1)
         ranks = (sign * boot).argsort(axis=1).argsort(axis=1) + 1
         point = (sign * means).argsort().argsort() + 1
+        few = min(len(v) for v in values) < MIN_PAIRS_FOR_BOOTSTRAP
         for i, arm in enumerate(arms):
-            single = len(values[i]) == 1
-            lo, hi = (math.nan, math.nan) if single else percentile_interval(boot[:, i], level)
+            n = len(values[i])
+            # The same rule as for paired differences: a bootstrap of 2 seeds only spans their min and max.
+            lo, hi, _ = ((*percentile_interval(boot[:, i], level), "") if n >= MIN_PAIRS_FOR_BOOTSTRAP
+                         else mean_interval(values[i], n_boot, level, rng))
             rlo, rhi = np.percentile(ranks[:, i], [tail, 100.0 - tail])
-            out.append({**dict(zip(keys, key)), "arm": arm, "n_seeds": len(values[i]), "mean": means[i],
+            notes = ["single seed: no interval" if n == 1 else
+                     f"not enough seeds for an interval ({n})" if n < MIN_PAIRS_FOR_INTERVAL else ""]
+            if few and len(arms) > 1:
+                notes.append(f"rank interval and p_best resample under {MIN_PAIRS_FOR_BOOTSTRAP} seeds per arm: rough")
+            out.append({**dict(zip(keys, key)), "arm": arm, "n_seeds": n, "mean": means[i],
                         "low": lo, "high": hi, "rank": int(point[i]), "rank_low": int(math.floor(rlo)),
                         "rank_high": int(math.ceil(rhi)), "p_best": float(np.mean(ranks[:, i] == 1)),
-                        "note": "single seed: no interval" if single else ""})
+                        "note": "; ".join(x for x in notes if x)})
     cols = keys + ["arm", "n_seeds", "mean", "low", "high", "rank", "rank_low", "rank_high", "p_best", "note"]
     return pd.DataFrame(out, columns=cols).sort_values(keys + ["rank"], ignore_index=True)

@@ -1,7 +1,9 @@
 """``python -m analysis.report SWEEP_DIR``: every figure and table of a sweep, in SWEEP_DIR/report/.
 
-Writes report.md (Markdown tables with bootstrap intervals) and figures/*.png
-and *.pdf. Works on any sweep the loader can read, however small: a fit the
+Writes report.md (a short plain-language summary, then Markdown tables with
+95% intervals) and figures/*.png and *.pdf. Arm-vs-twin differences get no
+interval and no verdict below 3 seed pairs and Student t intervals below 5;
+a flagged fit's estimates are shown without interval numbers. Works on any sweep the loader can read, however small: a fit the
 data cannot support (one budget, one seed, failed runs) is reported with
 the reason instead of numbers, and every FitWarning raised while making a
 section is listed under it. The report directory is built next to the old
@@ -382,38 +384,42 @@ def _summary(ctx: _Ctx) -> str:
     """3-5 plain lines: what was compared, the main result with its interval, how far the evidence goes."""
     df = ctx.df
     arms = sorted(df.loc[~df["is_uniform"], "arm"].dropna().astype(str).unique())
-    budgets = sorted(df["budget"].dropna().unique())
-    seeds = df["seed"].dropna().nunique()
     kind = ", ".join(df["budget_kind"].dropna().astype(str).unique()) or "no"
-    lines = [f"**Summary.** Compared: {', '.join(arms) or 'no layer-wise arms'} against "
-             f"{'their uniform twins' if arms else 'nothing'} at {len(budgets)} {kind} budget(s), {seeds} seed(s); "
-             f"{int(df['finished'].sum())} of {len(df)} runs finished. Metric: final val_loss (lower is better)."]
+    what = (f"{', '.join(arms)} against {'its' if len(arms) == 1 else 'their'} uniform twin(s)" if arms
+            else "uniform models only (no layer-wise arms)")
+    lines = [f"**Summary.** Compared: {what} at {df['budget'].dropna().nunique()} {kind} budget(s), "
+             f"{df['seed'].dropna().nunique()} seed(s); {int(df['finished'].sum())} of {len(df)} runs finished. "
+             "Metric: final val_loss (lower is better)."]
     d = paired_differences(df, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
-    for arm, g in (d.groupby("arm") if len(d) else ()):
-        g = g[g["n_pairs"] > 0]
-        if g.empty:
-            lines.append(f"- {arm}: no finished arm/twin pairs.")
-            continue
-        results = "; ".join(f"{number(r.budget, 3)}: {with_interval(r.diff, r.low, r.high)}"
-                            for r in g.itertuples())
-        decided = g[g["verdict"].isin(["arm better", "arm worse"])]
-        interval_rows = g[g["interval"] != "none"]
-        if interval_rows.empty:
-            evidence = (f"no evidence either way: not enough seeds for an interval (needs "
-                        f"{MIN_PAIRS_FOR_INTERVAL} pairs per budget)")
-        elif decided.empty:
-            evidence = f"no clear difference at any of {len(interval_rows)} budget(s) with an interval"
-        else:
-            verdicts = sorted(set(decided["verdict"]))
-            strength = "consistent" if len(decided) == len(g) and len(verdicts) == 1 else "mixed"
-            evidence = (f"{strength}: {', '.join(verdicts)} at {len(decided)} of {len(g)} budget(s) "
-                        f"(intervals exclude 0)")
-        lines.append(f"- {arm} minus its twin, val_loss per budget [95% interval]: {results}. Evidence: {evidence}.")
-    gaps = size_gaps(df) if arms else pd.DataFrame()
+    d = d[d["n_pairs"] > 0] if len(d) else d
+    if d.empty:
+        lines.append("- No finished arm/twin pairs, so no matched-budget comparison; see the scaling sections.")
+        lines.append("- Strength of evidence: nothing was compared.")
+        return "\n".join(lines)
+    shown = sorted(d["arm"].astype(str).unique())
+    for arm in shown[:2]:
+        g = d[d["arm"].astype(str) == arm]
+        results = "; ".join(f"{number(r.budget, 3)}: {with_interval(r.diff, r.low, r.high)}" for r in g.itertuples())
+        verdicts = sorted(set(g["verdict"]) & {"arm better", "arm worse"})
+        label = " [95% interval]" if (g["interval"] != "none").any() else " (no intervals)"
+        lines.append(f"- {arm} minus its twin, val_loss per budget{label}: {results}"
+                     + (f" ({', '.join(verdicts)} where the interval excludes 0)." if verdicts else "."))
+    with_iv, decided = d[d["interval"] != "none"], d[d["verdict"].isin(["arm better", "arm worse"])]
+    pairs_range = f"{int(d['n_pairs'].min())}-{int(d['n_pairs'].max())}" if d["n_pairs"].nunique() > 1 \
+        else str(int(d["n_pairs"].iloc[0]))
+    strength = ("none: not enough seeds for an interval anywhere (needs "
+                f"{MIN_PAIRS_FOR_INTERVAL} seed pairs)" if with_iv.empty else
+                f"{len(with_iv)} of {len(d)} arm/budget comparisons have an interval "
+                f"({', '.join(sorted(set(with_iv['interval'].str.split(' ').str[0])))}) and {len(decided)} of "
+                "those exclude 0" + ("; with so few seeds, treat any verdict as tentative"
+                                     if with_iv["n_pairs"].max() < MIN_PAIRS_FOR_BOOTSTRAP else ""))
+    more = f"; {len(shown) - 2} more arm(s) in the comparison section" if len(shown) > 2 else ""
+    lines.append(f"- Strength of evidence ({pairs_range} seed pair(s) per comparison): {strength}{more}.")
+    gaps = size_gaps(df)
     if len(gaps):
         lines.append(f"- Caution: {len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
                      "(see the comparison section).")
-    return "\n".join(lines[:5])
+    return "\n".join(lines)
 
 
 def _swap_in(tmp: Path, final: Path) -> Path:

@@ -41,7 +41,7 @@ from sweeps.grid import Grid
 from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, clear_stale, run_lock_path
 from sweeps.plan import PlannedRun, write_plan
 from sweeps.progress import SweepProgress
-from sweeps.results import write_results
+from sweeps.results import read_run_status, write_results
 
 GRID_COPY = "grid.yaml"
 _TRAIN, _DONE, _DIVERGED, _FAILED, _LOCKED = range(5)
@@ -125,7 +125,7 @@ def _check_same_shard(index: int, count: int) -> None:
 
 def _decide(run: PlannedRun, opts: Options) -> tuple[int, FileLock | None]:
     run_dir = Path(run.config.run_dir)
-    state = rd.read_status(run_dir)["state"]
+    state = read_run_status(run_dir)["state"]
     retry = {s for s, wanted in (("failed", opts.retry_failed), ("diverged", opts.retry_diverged)) if wanted}
     finished = {"done": _DONE, "diverged": _DIVERGED, "failed": _FAILED}
     if state in finished and state not in retry:
@@ -134,7 +134,7 @@ def _decide(run: PlannedRun, opts: Options) -> tuple[int, FileLock | None]:
     lock = FileLock.acquire(run_lock_path(run_dir), stale_after_s=opts.stale_after_s, heartbeat_s=opts.heartbeat_s)
     if lock is None:
         return _LOCKED, None
-    again = rd.read_status(run_dir)["state"]  # another driver may have finished it just before we locked
+    again = read_run_status(run_dir)["state"]  # another driver may have finished it just before we locked
     if again in finished and again != state:
         lock.release()
         return finished[again], None

@@ -12,7 +12,10 @@ has learned Python's surface syntax, and chance is 1/3.
   ``)``, ``]``, ``}`` closes the innermost one.
 * ``block_colon``: the header of a compound statement (``for``, ``if``,
   ``def``, ``class``, ``while``, ``with``, ``except``, ``elif``); which of
-  ``:`` and two other languages' block openers follows it.
+  ``:`` and two of ``;``, ``{``, ``=`` follows it.
+
+Every choice is one character, so plain ``acc`` (summed log-likelihood) is
+not decided by the choices' lengths.
 
 The files are generated from a fixed seed, so rerunning this module
 rewrites them byte for byte (a test checks that). Pure Python.
@@ -36,6 +39,7 @@ CLASSES = ("Parser", "Reader", "Buffer", "Config", "Handler", "Node", "Entry", "
 BASES = ("object", "Exception", "dict", "ValueError", "Base", "Mixin")
 ERRORS = ("ValueError", "KeyError", "OSError", "TypeError", "IndexError", "AttributeError")
 CLOSE = {"(": ")", "[": "]", "{": "}"}
+WRONG_AFTER_HEADER = (";", "{", "=")
 
 
 def _atom(rng: random.Random) -> str:
@@ -75,31 +79,33 @@ def close_bracket(rng: random.Random) -> dict:
     return {"context": context, "choices": choices, "gold": choices.index(CLOSE[stack[-1]])}
 
 
-def _header(rng: random.Random) -> tuple[str, list[str]]:
-    """A compound statement's header and two block openers of other languages."""
+def _header(rng: random.Random) -> str:
+    """The header of a compound statement, up to where its ':' goes."""
     v, w = rng.sample(NAMES, 2)
     kind = rng.randrange(8)
     if kind == 0:
-        return f"for {v} in {w}", [" do", " {"]
+        return f"for {v} in {w}"
     if kind == 1:
-        return f"if {v} == {rng.randrange(10)}", [" then", " {"]
+        return f"if {v} == {rng.randrange(10)}"
     if kind == 2:
-        return f"def {rng.choice(('load', 'parse', 'read', 'get', 'update'))}_{v}(self, {w})", [" =>", " {"]
+        return f"def {rng.choice(('load', 'parse', 'read', 'get', 'update'))}_{v}(self, {w})"
     if kind == 3:
-        return f"class {rng.choice(CLASSES)}({rng.choice(BASES)})", [" extends", " {"]
+        return f"class {rng.choice(CLASSES)}({rng.choice(BASES)})"
     if kind == 4:
-        return f"while {v} < {rng.randrange(1, 100)}", [" do", " {"]
+        return f"while {v} < {rng.randrange(1, 100)}"
     if kind == 5:
-        return f"with open({v}) as {w}", [" do", " {"]
+        return f"with open({v}) as {w}"
     if kind == 6:
-        return f"except {rng.choice(ERRORS)} as {rng.choice(('e', 'exc', 'err'))}", [" then", " {"]
-    return f"elif {v} is None", [" then", " {"]
+        return f"except {rng.choice(ERRORS)} as {rng.choice(('e', 'exc', 'err'))}"
+    return f"elif {v} is None"
 
 
 def block_colon(rng: random.Random) -> dict:
-    header, others = _header(rng)
+    header = _header(rng)
     indent = "    " * rng.randrange(3)
-    choices = [":", *others]
+    # Single characters that cannot follow the header, so every choice has the same length and
+    # accuracy on summed log-likelihoods is not decided by length.
+    choices = [":", *rng.sample(WRONG_AFTER_HEADER, 2)]
     rng.shuffle(choices)
     return {"context": f"{indent}{header}", "choices": choices, "gold": choices.index(":")}
 

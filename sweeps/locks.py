@@ -10,9 +10,10 @@ held, a heartbeat thread touches it every ``heartbeat_s`` seconds. A lock is
 * its holder ran on another host and it has not been touched for
   ``stale_after_s`` seconds (that host died or lost the file system).
 
-A holder on this host whose process is alive is never stale, however old its
-lock: liveness is known for certain there, and a stalled heartbeat must not
-let a second driver train the same run.
+A holder on this host whose process is alive (the same process: pid and
+start time match) is never stale, however old its lock: liveness is known
+for certain there, and a stalled heartbeat must not let a second driver
+train the same run. Without /proc (no start time) the age rule applies too.
 
 Taking over goes through a second ``O_EXCL`` file (``<lock>.break``) and
 re-checks that the lock is still the same stale file, so two drivers that
@@ -79,8 +80,11 @@ def is_stale(path: str | Path, stale_after_s: float = STALE_AFTER_S) -> bool:
         return False
     info = read_lock(path) or {}
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        return not _alive(info["pid"], info.get("start"))
-    return age > stale_after_s
+        if not _alive(info["pid"], info.get("start")):
+            return True
+        if info.get("start") is not None and _start_time(info["pid"]) is not None:
+            return False  # the very process that took the lock is running
+    return age > stale_after_s  # another host, or a live pid we cannot tell from a reused one (no /proc)
 
 
 class FileLock:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from elmjax import run_dir as rd
-from elmjax.config_io import atomic_write
+from elmjax.config_io import ConfigError, atomic_write
 from sweeps.evals import eval_columns
 from sweeps.locks import FileLock, holder
 from sweeps.plan import read_plan
@@ -27,9 +27,21 @@ _INT_COLUMNS = ("final_step", "tokens_seen", "seed", "num_layers", "model_dim", 
                 "params", "non_embedding_params", "flops_per_token", "tokens", "seq_len", "batch_size")
 
 
+def read_run_status(run_dir: str | Path) -> dict:
+    """The run's status.json; a ConfigError naming the file if it is not valid JSON.
+
+    Status files are replaced atomically, so a torn one was damaged outside the
+    sweep (a copy taken mid-write, a full disk); the driver stops with this
+    one-line error instead of guessing the run's state."""
+    try:
+        return rd.read_status(run_dir)
+    except ValueError as e:
+        raise ConfigError(f"{e}; delete it and rerun: the run then resumes from its latest checkpoint") from None
+
+
 def run_columns(run_dir: Path) -> dict:
     """State and final metrics of one run directory (pending if it has not started)."""
-    status = rd.read_status(run_dir)
+    status = read_run_status(run_dir)
     state, error = status.get("state", "pending"), status.get("error")
     if state == "running" and holder(run_dir) is None:
         # Killed without a chance to say so: it resumes from its checkpoint when the sweep is rerun.

@@ -4,6 +4,8 @@
 Plans the grid (validating everything and solving every budget before
 anything is written), then trains this driver's runs into
 ``runs/<grid name>/`` (or ``--out DIR``). Rerun the same command to resume.
+The sweep directory must be new, empty or a sweep (``plan.json``); any other
+non-empty directory is refused unless ``--force``.
 Exit status: 0 every run of this driver's share is done or diverged (or
 held by another driver), 1 some are failed, 2 the grid (or a flag) is
 invalid, 130 interrupted.
@@ -19,14 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from elmjax import run_dir as rd
 from elmjax.config_io import ConfigError
 from sweeps.driver import GRID_COPY, Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
 from sweeps.locks import HEARTBEAT_S, MIN_STALE_AFTER_S, STALE_AFTER_S
 from sweeps.plan import PLAN_FILE, build_plan, format_table
 from sweeps.preflight import add_arguments as add_preflight_arguments, run_preflight
-from sweeps.results import CSV, PARQUET
+from sweeps.results import CSV, PARQUET, read_run_status
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
 
 SWEEP_MARKERS = (PLAN_FILE, GRID_COPY)  # a directory holding either is a sweep (a killed first start leaves only grid.yaml)
@@ -115,12 +116,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'SIGINT'}); rerun the same command to resume", file=sys.stderr)
         return 130
+    except ConfigError as e:  # a damaged run file (e.g. a torn status.json)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"\nthis driver: {summary}")
     print(f"results: {sweep_dir / PARQUET} (and {CSV}); states: python -m sweeps.status {sweep_dir}")
     report = None if args.no_report else write_report(sweep_dir)
     if report is not None:
         print(f"report:  {report}")
-    failed = [r.name for r in todo if rd.read_status(r.config.run_dir)["state"] == "failed"]
+    failed = [r.name for r in todo if read_run_status(r.config.run_dir)["state"] == "failed"]
     if failed:
         print(f"{len(failed)} failed run(s) (see python -m sweeps.status {sweep_dir} --errors); "
               "rerun with --retry-failed to retry them", file=sys.stderr)

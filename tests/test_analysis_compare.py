@@ -174,3 +174,22 @@ def test_arm_twin_pairs_of_different_sizes_are_flagged():
     assert list(gaps["run"]) == ["d-1e+06-1"] and gaps["size_gap"].iloc[0] == pytest.approx(0.044)
     d = paired_differences(df).set_index("budget")
     assert "sizes differ by up to 4.4% (> 1%)" in d.loc[1e6, "note"] and "sizes differ" not in d.loc[3e6, "note"]
+
+
+def test_rank_arms_gives_few_seeds_no_or_t_intervals_and_says_so():
+    from scipy import stats
+
+    for seeds, method in ((2, "none"), (3, "t"), (6, "bootstrap")):
+        r = rank_arms(results_frame(seeds=seeds, budgets=(1e6,)), n_boot=300)
+        if method == "none":
+            assert r["low"].isna().all() and r["note"].str.contains("not enough seeds for an interval").all()
+        elif method == "t":
+            df = results_frame(seeds=3, budgets=(1e6,))
+            v = df.loc[df["arm"] == "deep", "val_loss"].to_numpy()
+            half = stats.t.ppf(0.975, 2) * v.std(ddof=1) / np.sqrt(3)
+            row = r[r["arm"] == "deep"].iloc[0]
+            np.testing.assert_allclose([row["low"], row["high"]], [v.mean() - half, v.mean() + half])
+        else:
+            assert r["low"].notna().all() and not r["note"].str.contains("rough").any()
+        if seeds < 5:
+            assert r["note"].str.contains("rough").all()

@@ -122,3 +122,33 @@ def test_the_lock_of_a_live_driver_in_a_done_run_is_left_alone(tmp_path):
         assert taken is None and read_lock(run_dir / LOCK_NAME)["token"] == lock.token
     finally:
         lock.release()
+
+
+def test_a_live_pid_that_cannot_be_told_from_a_reused_one_still_goes_stale_by_age(tmp_path):
+    """Without a recorded start time (no /proc) a live pid may be an unrelated process: the timeout applies."""
+    import socket
+
+    path = tmp_path / ".sweep.lock"
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None, "token": "t"}))
+    assert not is_stale(path, stale_after_s=60)
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    assert is_stale(path, stale_after_s=60)
+
+
+def test_a_torn_status_json_stops_the_driver_with_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from sweeps.driver import Summary
+    from sweeps.grid import load_grid
+    from sweeps.plan import build_plan
+
+    grid = write_grid(tmp_path / "torn.yaml", {"seed": [0, 1]}, base=ONE_RUN)
+    out = tmp_path / "sweep"
+    with monkeypatch.context() as m:  # lay the sweep out without training
+        m.setattr(run, "run_sweep", lambda *a, **k: Summary())
+        assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    status = out / "runs" / build_plan(load_grid(grid))[1].name / "status.json"
+    status.write_text('{"state": "runn')  # damaged outside the sweep (a copy taken mid-write)
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {status}: not valid JSON"), err
+    assert "delete it and rerun" in err
+    assert not list(out.glob("runs/*/metrics.jsonl"))  # nothing trained

@@ -30,3 +30,10 @@ def test_readme_example_grid_validates_and_dry_runs_with_the_shipped_tasks(tmp_p
     monkeypatch.chdir(ROOT)  # task paths are relative to where the sweep is started: the repository root
     assert run.main([str(grid), "--dry-run"]) == 0, capsys.readouterr().err
     assert "84 runs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_choices_of_a_question_have_one_length_so_plain_acc_is_not_a_length_contest(name):
+    """acc sums log-likelihoods over the choice: a 1-byte answer among 3-byte distractors wins untrained."""
+    for ex in load_task(TASKS_DIR / f"{name}.jsonl"):
+        assert len({len(c.encode()) for c in ex.choices}) == 1, ex
