@@ -63,10 +63,6 @@ def _state_layout(config, mesh):
     return state_layout(config, mesh)
 
 
-def _compute_dtype(config) -> str:
-    return config.execution.dtype
-
-
 @dataclass(frozen=True)
 class Compiled:
     """One AOT-compiled train step and what is needed to report on it."""
@@ -124,7 +120,7 @@ def report(config, c: Compiled, accelerator: str, hbm_gib: float | None) -> dict
     xla_device_flops = float(cost.get("flops", 0.0))
     analytic = train_flops_per_token(config.model, config.data.seq_len) * config.tokens_per_step
     acc = roofline.accelerator(accelerator, n)
-    dtype = _compute_dtype(config)
+    dtype = config.execution.dtype
     est = roofline.estimate(acc, dtype, xla_device_flops, float(cost.get("bytes accessed", 0.0)),
                             sum(hlo_stats.wire_bytes(x) for x in collectives))
     ceiling = roofline.mfu_ceiling(acc, dtype, analytic, n, est)
