@@ -54,8 +54,6 @@ def force_host_devices(n: int) -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
-def _compute_dtype(config) -> str:
-    return config.execution.dtype
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ def report(config, c: Compiled, accelerator: str, hbm_gib: float | None) -> dict
     xla_device_flops = float(cost.get("flops", 0.0))
     analytic = train_flops_per_token(config.model, config.data.seq_len) * config.tokens_per_step
     acc = roofline.accelerator(accelerator, n)
-    dtype = _compute_dtype(config)
+    dtype = config.execution.dtype
     est = roofline.estimate(acc, dtype, xla_device_flops, float(cost.get("bytes accessed", 0.0)),
                             sum(hlo_stats.wire_bytes(x) for x in collectives))
     ceiling = roofline.mfu_ceiling(acc, dtype, analytic, n, est)
