@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 import types
@@ -21,8 +22,10 @@ from typing import Any, Union
 
 import yaml
 
+from elmjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config value or key is invalid. The message names source, key and reason."""
 
 
@@ -99,6 +102,8 @@ def _coerce(value: Any, tp: Any, source: str | None, path: str) -> Any:
         except ValueError:
             pass
     if tp is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_where(source, path)}: expected an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{_where(source, path)}: expected an integer, got {value!r}")
         return int(value)
@@ -165,15 +170,41 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def duplicate_keys(node: yaml.Node, path: str = "") -> list[str]:
+    """'<dotted path>: duplicate key ...' for every repeated mapping key (PyYAML silently keeps the last one)."""
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            key = getattr(key_node, "value", None)
+            where = _join(path, str(key))
+            if key in seen:
+                out.append(f"{where}: duplicate key (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                           "YAML would silently keep only the last one")
+            seen.setdefault(key, key_node.start_mark.line + 1)
+            out += duplicate_keys(value_node, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += duplicate_keys(item, f"{path}[{i}]")
+    return out
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping, with an error naming the file if it is not one."""
+    """Read a YAML mapping, with an error naming the file if it is not one or repeats a key."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        data = yaml.safe_load(text)
+        duplicates = duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    if duplicates:
+        more = f" (and {len(duplicates) - 1} more duplicate keys)" if len(duplicates) > 1 else ""
+        raise ConfigError(f"{p}: {duplicates[0]}{more}")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -353,6 +353,8 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, shard_size: int = 65536,
         raise DataError("prepare reads documents: --source must be stdlib, text, jsonl or parquet")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file; prepare writes a directory there")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     tok = load_tokenizer(cfg.tokenizer)

@@ -10,6 +10,7 @@ linear branch. Nothing here downloads: ``path`` is a local directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from elmjax.config_io import atomic_write, atomic_write_text, to_dict
+from elmjax.errors import UserError
 from elmjax.layout import layer_layout
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint does not match the OpenELM layout; the message names the key."""
 
 
@@ -40,11 +42,17 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise CheckpointError(f"{source}: missing key(s) {missing}; not an OpenELM config")
+    _check_types(hf, source)
     if "elmjax" in hf:
         # Written by save_pretrained: restores schedules exactly.
         from elmjax.config_io import from_dict
 
-        return from_dict(ModelConfig, hf["elmjax"], source=f"{source}: elmjax")
+        cfg = from_dict(ModelConfig, hf["elmjax"], source=f"{source}: elmjax")
+        for hf_key, key in _SAME_IN_BOTH.items():
+            if hf[hf_key] != getattr(cfg, key):
+                raise CheckpointError(f"{source}: {hf_key} {hf[hf_key]!r} disagrees with elmjax.{key} "
+                                      f"{getattr(cfg, key)!r}; edit both or delete the 'elmjax' section")
+        return cfg
     n, d, e = hf["num_transformer_layers"], hf["model_dim"], hf["head_dim"]
     qkv = hf.get("qkv_multipliers", (0.5, 1.0))
     if "num_query_heads" in hf:
@@ -52,23 +60,56 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         # multipliers, which make_divisible maps back to the same counts.
         qkv = tuple(q * e / d for q in hf["num_query_heads"])
     ffn = hf.get("ffn_multipliers", (0.5, 4.0))
-    cfg = ModelConfig(
-        num_layers=n,
-        model_dim=d,
-        head_dim=e,
-        num_gqa_groups=hf["num_gqa_groups"],
-        qkv_multipliers=qkv if not isinstance(qkv, list) else tuple(qkv),
-        ffn_multipliers=tuple(ffn) if isinstance(ffn, list) else ffn,
-        ffn_dim_divisor=hf.get("ffn_dim_divisor", 256),
-        ffn_with_glu=hf.get("ffn_with_glu", True),
-        normalize_qk=hf.get("normalize_qk_projections", False),
-        tie_embeddings=hf.get("share_input_output_layers", False),
-        rope_theta=float(hf.get("rope_freq_constant", 10000)),
-        max_context_length=hf.get("max_context_length", 2048),
-        vocab_size=hf["vocab_size"],
-    )
+    try:
+        cfg = ModelConfig(
+            num_layers=n,
+            model_dim=d,
+            head_dim=e,
+            num_gqa_groups=hf["num_gqa_groups"],
+            qkv_multipliers=qkv if not isinstance(qkv, list) else tuple(qkv),
+            ffn_multipliers=tuple(ffn) if isinstance(ffn, list) else ffn,
+            ffn_dim_divisor=hf.get("ffn_dim_divisor", 256),
+            ffn_with_glu=hf.get("ffn_with_glu", True),
+            normalize_qk=hf.get("normalize_qk_projections", False),
+            tie_embeddings=hf.get("share_input_output_layers", False),
+            rope_theta=float(hf.get("rope_freq_constant", 10000)),
+            max_context_length=hf.get("max_context_length", 2048),
+            vocab_size=hf["vocab_size"],
+        )
+    except ValueError as e:  # ModelConfig's own checks (multipliers, head_dim parity, ...)
+        raise CheckpointError(f"{source}: {e}") from None
     _check_heads(cfg, hf, source)
     return cfg
+
+
+_SAME_IN_BOTH = {"num_transformer_layers": "num_layers", "model_dim": "model_dim", "head_dim": "head_dim",
+                 "num_gqa_groups": "num_gqa_groups", "vocab_size": "vocab_size"}
+
+# config.json key -> what it must hold; checked before any arithmetic so a
+# wrong type is one error naming the key, not a TypeError deep in the layout.
+_POSITIVE_INTS = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size",
+                  "ffn_dim_divisor", "max_context_length")
+_BOOLS = ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers")
+_NUMBER_LISTS = ("qkv_multipliers", "ffn_multipliers", "num_query_heads", "num_kv_heads")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(hf: dict, source: str) -> None:
+    for key in _POSITIVE_INTS:
+        if key in hf and not (isinstance(hf[key], int) and not isinstance(hf[key], bool) and hf[key] >= 1):
+            raise CheckpointError(f"{source}: {key}: expected a positive integer, got {hf[key]!r}")
+    for key in _BOOLS:
+        if key in hf and not isinstance(hf[key], bool):
+            raise CheckpointError(f"{source}: {key}: expected true/false, got {hf[key]!r}")
+    for key in _NUMBER_LISTS:
+        v = hf.get(key)
+        if v is not None and not (_is_number(v) or (isinstance(v, list) and v and all(map(_is_number, v)))):
+            raise CheckpointError(f"{source}: {key}: expected a number or a list of numbers, got {v!r}")
+    if "rope_freq_constant" in hf and not (_is_number(hf["rope_freq_constant"]) and hf["rope_freq_constant"] > 0):
+        raise CheckpointError(f"{source}: rope_freq_constant: expected a positive number, got {hf['rope_freq_constant']!r}")
 
 
 def _check_heads(cfg: ModelConfig, hf: dict, source: str) -> None:

@@ -26,10 +26,16 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from elmjax.errors import MissingExtraError, UserError
+
 EXTRA_HINT = "pip install 'elmjax[tokenizers]'"
 KINDS = ("byte", "sentencepiece:PATH", "hf:PATH")
 # Special-token spellings tried, in order, when a tokenizer.json names no EOS.
 _HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[EOS]", "<|im_end|>")
+
+
+class TokenizerError(UserError):
+    """A tokenizer spec or file is unusable; the message names the spec, the file and the reason."""
 
 
 class Tokenizer(Protocol):
@@ -74,11 +80,14 @@ class SentencePieceTokenizer:
     def __init__(self, path: Path, spec: str):
         spm = _import("sentencepiece", spec)
         self.spec = spec
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:  # sentencepiece's C++ parser raises either
+            raise TokenizerError(f"tokenizer '{spec}': cannot read {path} as a SentencePiece model: {e}") from e
         self.vocab_size = int(self._sp.get_piece_size())
         self.eos_id = int(self._sp.eos_id())
         if self.eos_id < 0:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer '{spec}': the SentencePiece model has no EOS piece (eos_id=-1); "
                 "packing needs one to separate documents: train it with eos_id >= 0"
             )
@@ -100,7 +109,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust error says what is wrong in the JSON
-            raise ValueError(f"tokenizer '{spec}': cannot read {path} as a tokenizer.json: {e}") from e
+            raise TokenizerError(f"tokenizer '{spec}': cannot read {path} as a tokenizer.json: {e}") from e
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Ids can be sparse; the embedding table must cover the largest one.
         self.vocab_size = max(vocab.values()) + 1
@@ -124,7 +133,7 @@ def _hf_eos_id(path: Path, vocab: dict[str, int], spec: str) -> int:
         try:
             eos = json.loads(config.read_text()).get("eos_token")
         except (OSError, ValueError) as e:
-            raise ValueError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
+            raise TokenizerError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
         if isinstance(eos, dict):  # serialised AddedToken
             eos = eos.get("content")
         if isinstance(eos, str) and eos in vocab:
@@ -132,7 +141,7 @@ def _hf_eos_id(path: Path, vocab: dict[str, int], spec: str) -> int:
     for token in _HF_EOS_CANDIDATES:
         if token in vocab:
             return vocab[token]
-    raise ValueError(
+    raise TokenizerError(
         f"tokenizer '{spec}': found no end-of-text token (tried eos_token in {config.name} and "
         f"{', '.join(_HF_EOS_CANDIDATES)}); packing needs one to separate documents: add one as a special token"
     )
@@ -142,7 +151,7 @@ def _import(module: str, spec: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtraError(
             f"tokenizer '{spec}' needs the '{module}' library, which is not installed: {EXTRA_HINT}"
         ) from e
 
@@ -154,12 +163,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
     kind, sep, raw_path = spec.partition(":")
     classes = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
     if not sep or kind not in classes:
-        raise ValueError(f"unknown tokenizer '{spec}': expected one of {', '.join(KINDS)}")
+        raise TokenizerError(f"unknown tokenizer '{spec}': expected one of {', '.join(KINDS)}")
     if not raw_path:
-        raise ValueError(f"tokenizer '{spec}': missing the file path after '{kind}:'")
+        raise TokenizerError(f"tokenizer '{spec}': missing the file path after '{kind}:'")
     path = Path(raw_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer '{spec}': file not found: {path}")
+        raise TokenizerError(f"tokenizer '{spec}': file not found: {path}")
     return classes[kind](path, spec)
 
 

@@ -32,6 +32,7 @@ from elmjax.checkpoint import Checkpointer
 from elmjax.config import Config, identity
 from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
 from elmjax.distributed import maybe_initialize
+from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.optim import lr_schedule, make_optimizer
@@ -66,6 +67,8 @@ def setup_compilation_cache(path: str) -> None:
 def _prepare_run_dir(config: Config) -> Path | None:
     """Check a resumed directory belongs to this config; None if already done."""
     path = Path(config.run_dir)
+    if path.exists() and not path.is_dir():
+        raise config_io.ConfigError(f"run_dir: {path} is a file, not a directory")
     saved = path / "config.yaml"
     if saved.exists():
         old = config_io.load(Config, saved)
@@ -142,6 +145,10 @@ class _Session:
 
 
 def _check_shapes(config: Config, mesh) -> None:
+    # Open the data first (tokenized once and cached for the loop): a wrong
+    # path, field or empty corpus fails in seconds, before any compilation.
+    train_iterator(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    validation_set(config.data)
     div = batch_divisor(mesh) * config.train.grad_accum
     if config.data.batch_size % div:
         raise config_io.ConfigError(
@@ -446,21 +453,22 @@ def main(argv=None) -> int:
     parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         config = config_io.load(Config, args.config, args.overrides)
-    except config_io.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-    try:
+        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
         result = run(config)
     except Interrupted as e:
         print(f"interrupted ({e}); rerun the same command to resume", file=sys.stderr)
         return 130
-    except config_io.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        # A mistake in the config, data, tokenizer or mesh: one line naming
+        # the key or file. Anything else is a bug and keeps its traceback.
+        if args.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if result.state == "diverged":
         print(f"run diverged: see {result.run_dir / 'status.json'}", file=sys.stderr)

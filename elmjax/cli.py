@@ -1,0 +1,40 @@
+"""What every ``python -m elmjax.*`` command shares: argument types and logging.
+
+Pure Python: importing it never pulls in JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into a one-line usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show elmjax's own INFO messages (e.g. 'resumed ... from step N') on stderr.
+
+    ``logging.basicConfig`` is a no-op here because importing JAX's
+    dependencies (absl) already gives the root logger a handler, and raising
+    the root level would flood the log with orbax/absl INFO. So the 'elmjax'
+    logger gets its own handler and does not propagate (no double lines)."""
+    logger = logging.getLogger("elmjax")
+    logger.setLevel(level)
+    if not any(getattr(h, "_elmjax_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._elmjax_cli = True
+        logger.addHandler(handler)
+    logger.propagate = False
