@@ -23,6 +23,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (redirected, captured by tests, ...)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Show elmjax's own INFO messages (e.g. 'resumed ... from step N') on stderr.
 
@@ -32,9 +44,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger gets its own handler and does not propagate (no double lines)."""
     logger = logging.getLogger("elmjax")
     logger.setLevel(level)
-    if not any(getattr(h, "_elmjax_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        handler._elmjax_cli = True
         logger.addHandler(handler)
     logger.propagate = False

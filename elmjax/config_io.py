@@ -189,6 +189,25 @@ def duplicate_keys(node: yaml.Node, path: str = "") -> list[str]:
     return out
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys of a nested mapping (lists are values)."""
+    if not isinstance(data, (dict, types.MappingProxyType)) or (prefix and not data):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(flatten(v, _join(prefix, str(k))))
+    return out
+
+
+def differences(old: Any, new: Any, limit: int = 3) -> str:
+    """'key: old -> new, ...' for the first ``limit`` dotted keys that differ ('' if none)."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    shown = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys[:limit]]
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping, with an error naming the file if it is not one or repeats a key."""
     p = Path(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -119,7 +120,8 @@ def _check_heads(cfg: ModelConfig, hf: dict, source: str) -> None:
             raise CheckpointError(f"{source}: {key} {list(hf[key])} disagrees with the derived layout {got}")
 
 
-def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
+def config_to_hf(cfg: ModelConfig, torch_dtype: str, tokenizer=None) -> dict:
+    """The Hub config.json mapping; ``tokenizer`` (a Tokenizer) supplies the special-token ids."""
     lay = layer_layout(cfg)
     from elmjax.layout import layer_multipliers
 
@@ -145,10 +147,12 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
         "vocab_size": cfg.vocab_size,
         "activation_fn_name": "swish",
         "initializer_range": 0.02,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        # The tokenizer's own ids (byte: BOS 257, EOS 256); null when no tokenizer is given.
+        "bos_token_id": getattr(tokenizer, "bos_id", None),
+        "eos_token_id": tokenizer.eos_id if tokenizer is not None else None,
         "torch_dtype": torch_dtype,
         "elmjax": to_dict(cfg),
+        **({"elmjax_tokenizer": tokenizer.spec.partition(":")[0]} if tokenizer is not None else {}),
     }
 
 
@@ -295,13 +299,22 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> OpenELM:
     return nnx.merge(graphdef, state)
 
 
-def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "float32",
+def save_pretrained(model: OpenELM, path: str | os.PathLike, *, tokenizer=None, dtype: str = "float32",
                     max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``model`` in the Hub layout. Files appear only when complete."""
+    """Write ``model`` in the Hub layout. Files appear only when complete.
+
+    ``tokenizer`` (a Tokenizer or a spec such as 'byte' or 'hf:PATH') gives
+    config.json its bos/eos ids, and its file is saved next to the weights
+    (``tokenizer.model`` or ``tokenizer.json``) so generate/evaluate find it;
+    without one the ids are null and the CLIs need ``--tokenizer``."""
     import ml_dtypes
+
+    from elmjax.tokenizer import load_tokenizer
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     cfg = model.cfg
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -321,8 +334,27 @@ def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "fl
             "weight_map": {k: n for n, s in zip(names, shards) for k in s},
         }
         atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=1))
-    atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype), indent=1) + "\n")
+    if tokenizer is not None:
+        _save_tokenizer_files(tokenizer, path)
+    atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype, tokenizer), indent=1) + "\n")
     return path
+
+
+# Where each tokenizer kind's file goes in a Hub directory (the names tokenizer_spec_for looks for).
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+
+
+def _save_tokenizer_files(tokenizer, path: Path) -> None:
+    from elmjax.tokenizer import tokenizer_file
+
+    src = tokenizer_file(tokenizer.spec)
+    if src is None:  # byte: no file; config.json records the kind
+        return
+    files = {TOKENIZER_FILES[tokenizer.spec.partition(":")[0]]: src}
+    if (src.parent / "tokenizer_config.json").is_file():  # names the HF special tokens (EOS/BOS)
+        files["tokenizer_config.json"] = src.parent / "tokenizer_config.json"
+    for name, source in files.items():
+        atomic_write(path / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
 
 
 def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

@@ -42,6 +42,7 @@ class Tokenizer(Protocol):
     spec: str
     vocab_size: int
     eos_id: int
+    bos_id: int | None  # None: the tokenizer has no beginning-of-text token
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -86,6 +87,7 @@ class SentencePieceTokenizer:
             raise TokenizerError(f"tokenizer '{spec}': cannot read {path} as a SentencePiece model: {e}") from e
         self.vocab_size = int(self._sp.get_piece_size())
         self.eos_id = int(self._sp.eos_id())
+        self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
         if self.eos_id < 0:
             raise TokenizerError(
                 f"tokenizer '{spec}': the SentencePiece model has no EOS piece (eos_id=-1); "
@@ -114,6 +116,7 @@ class HFTokenizer:
         # Ids can be sparse; the embedding table must cover the largest one.
         self.vocab_size = max(vocab.values()) + 1
         self.eos_id = _hf_eos_id(path, vocab, spec)
+        self.bos_id = _hf_special_id(path, vocab, spec, "bos_token")
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -126,18 +129,26 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def _hf_special_id(path: Path, vocab: dict[str, int], spec: str, key: str) -> int | None:
+    """The id of special token ``key`` ('eos_token', 'bos_token') named in a sibling tokenizer_config.json."""
+    config = path.parent / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        token = json.loads(config.read_text()).get(key)
+    except (OSError, ValueError, AttributeError) as e:
+        raise TokenizerError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
+    if isinstance(token, dict):  # serialised AddedToken
+        token = token.get("content")
+    return vocab[token] if isinstance(token, str) and token in vocab else None
+
+
 def _hf_eos_id(path: Path, vocab: dict[str, int], spec: str) -> int:
     """EOS from a sibling tokenizer_config.json if there is one, else a well-known spelling."""
     config = path.parent / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            eos = json.loads(config.read_text()).get("eos_token")
-        except (OSError, ValueError) as e:
-            raise TokenizerError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
-        if isinstance(eos, dict):  # serialised AddedToken
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos in vocab:
-            return vocab[eos]
+    eos = _hf_special_id(path, vocab, spec, "eos_token")
+    if eos is not None:
+        return eos
     for token in _HF_EOS_CANDIDATES:
         if token in vocab:
             return vocab[token]

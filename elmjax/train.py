@@ -11,6 +11,7 @@ with status ``diverged``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ import numpy as np
 
 from elmjax import config_io, run_dir as rd
 from elmjax.checkpoint import Checkpointer
+from elmjax.cli import setup_logging
 from elmjax.config import Config, identity
 from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
 from elmjax.distributed import maybe_initialize
@@ -65,7 +67,11 @@ def setup_compilation_cache(path: str) -> None:
 
 
 def _prepare_run_dir(config: Config) -> Path | None:
-    """Check a resumed directory belongs to this config; None if already done."""
+    """Check a resumed directory belongs to this config; None if already done.
+
+    A directory whose earlier attempt never saved a checkpoint (e.g. it failed
+    during setup) holds nothing to resume, so a corrected config replaces its
+    config.yaml instead of being refused."""
     path = Path(config.run_dir)
     if path.exists() and not path.is_dir():
         raise config_io.ConfigError(f"run_dir: {path} is a file, not a directory")
@@ -73,13 +79,22 @@ def _prepare_run_dir(config: Config) -> Path | None:
     if saved.exists():
         old = config_io.load(Config, saved)
         if identity(old) != identity(config):
-            raise config_io.ConfigError(
-                f"{saved}: this run directory holds a run with a different config; "
-                "use another run_dir (or delete this one) to start a new run"
-            )
-        if rd.read_status(path)["state"] == "done" and rd.read_final(path) is not None:
+            changed = config_io.differences(identity(old), identity(config))
+            if _has_checkpoint(path) or rd.read_final(path) is not None:
+                raise config_io.ConfigError(
+                    f"{saved}: this run directory holds a run with a different config ({changed}); "
+                    "use another run_dir (or delete this one) to start a new run"
+                )
+            log.warning("%s: replacing the config of an attempt that saved no checkpoint (%s)", path, changed)
+        elif rd.read_status(path)["state"] == "done" and rd.read_final(path) is not None:
             return None
     return path
+
+
+def _has_checkpoint(path: Path) -> bool:
+    """Any checkpoint step on disk, finished or not (orbax names step directories by number)."""
+    root = path / "checkpoints"
+    return root.is_dir() and any(p.name.split(".")[0].isdigit() for p in root.iterdir())
 
 
 def run(config: Config, *, progress_callback=None) -> RunResult:
@@ -446,6 +461,10 @@ def restore_params(config: Config, dtype: str | None = None):
     return nnx.merge(graphdef, state.params)
 
 
+def _log_progress(step: int, total: int, row: dict) -> None:
+    log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s", step, total, row["loss"], row["lr"], row["tokens_per_s"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m elmjax.train", description="Train an elmjax model.")
     parser.add_argument("config", help="training config YAML")
@@ -455,11 +474,17 @@ def main(argv=None) -> int:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = config_io.load(Config, args.config, args.overrides)
         maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-        result = run(config)
+        callback = None
+        if config.train.progress and not sys.stderr.isatty():
+            # A progress bar in a file (SLURM logs, pipes) is kilobytes of
+            # carriage returns: log plain lines at each log step instead.
+            config = config.replace(train=dataclasses.replace(config.train, progress=False))
+            callback = _log_progress
+        result = run(config, progress_callback=callback)
     except Interrupted as e:
         print(f"interrupted ({e}); rerun the same command to resume", file=sys.stderr)
         return 130

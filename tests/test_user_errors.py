@@ -159,3 +159,50 @@ def test_negative_sizes_are_argument_errors(cli, argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "must be >= 1" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ run directories
+
+def test_cli_run_directory_lifecycle(tmp_path, capsys):
+    """A setup failure does not poison the run directory; stderr that is not a terminal (SLURM logs,
+    pipes, capsys) gets plain progress lines, no tqdm carriage returns, and elmjax's INFO lines such
+    as the resume; a different config is refused naming the keys that differ."""
+    import shutil
+
+    from elmjax import run_dir as rd
+
+    d = tmp_path / "run"
+    cfg = write_config(tiny_config(d, "train.steps=4", "train.log_every=2", "train.eval_every=4",
+                                   "checkpoint.every=2", "train.progress=true"), tmp_path / "c.yaml")
+    # A mistyped corpus: the attempt fails during setup, before any step.
+    assert train.main([str(cfg), "data.source=text", f"data.paths=['{tmp_path}/typo-*.txt']"]) == 2
+    assert "no files match the glob" in one_error_line(capsys)
+    assert rd.read_status(d)["state"] == "failed"
+    # The corrected command works in the same run directory, without rm -rf.
+    assert train.main([str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert rd.read_status(d)["state"] == "done"
+    assert config_io.load(Config, d / "config.yaml").data.source == "stdlib"
+    assert "\r" not in err
+    assert "elmjax.train: step 2/4  loss" in err and "elmjax.train: step 4/4  loss" in err, err
+    # As if killed after the step-2 checkpoint: the rerun resumes, and says so.
+    shutil.rmtree(d / "checkpoints" / "4")
+    (d / "final.json").unlink()
+    rd.write_status(d, "running", total_steps=4)
+    assert train.main([str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert f"resumed {d} from step 2" in err, err
+    assert "\r" not in err
+    # Only elmjax's own INFO lines are made visible, not orbax/absl chatter.
+    assert all("elmjax" in line for line in err.splitlines() if " INFO" in line or line.startswith("I")), err
+    # Now that checkpoints exist, a different config is refused, naming what differs.
+    assert train.main([str(cfg), "optimizer.lr=0.01", "data.seed=3"]) == 2
+    line = one_error_line(capsys)
+    assert "different config (data.seed: 0 -> 3, optimizer.lr: 0.003 -> 0.01)" in line, line
+
+
+def test_differences_lists_a_few_dotted_keys():
+    old = {"a": {"b": 1, "c": [1, 2]}, "d": "x", "e": 1, "f": 1}
+    new = {"a": {"b": 2, "c": [1, 2]}, "d": "y", "e": 2, "f": 2, "g": 0}
+    assert config_io.differences(old, new, limit=2) == "a.b: 1 -> 2, d: 'x' -> 'y' (and 3 more)"
+    assert config_io.differences(old, old) == ""
