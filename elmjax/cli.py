@@ -6,6 +6,7 @@ Pure Python: importing it never pulls in JAX.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -35,17 +36,25 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Show elmjax's own INFO messages (e.g. 'resumed ... from step N') on stderr.
+@contextlib.contextmanager
+def cli_logging(level: int = logging.INFO):
+    """While a CLI runs, show elmjax's own INFO messages (e.g. 'resumed ... from step N') on stderr.
 
     ``logging.basicConfig`` is a no-op here because importing JAX's
-    dependencies (absl) already gives the root logger a handler, and raising
-    the root level would flood the log with orbax/absl INFO. So the 'elmjax'
-    logger gets its own handler and does not propagate (no double lines)."""
+    dependencies already gives the root logger a handler, and raising the
+    root level would flood the log with orbax/absl INFO. So the 'elmjax'
+    logger gets its own handler and does not propagate (no double lines);
+    all of it is undone on exit, for callers of ``main()`` in-process."""
     logger = logging.getLogger("elmjax")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    saved = logger.level, logger.propagate
     logger.setLevel(level)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
     logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

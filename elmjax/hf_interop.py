@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -309,7 +308,7 @@ def save_pretrained(model: OpenELM, path: str | os.PathLike, *, tokenizer=None, 
     without one the ids are null and the CLIs need ``--tokenizer``."""
     import ml_dtypes
 
-    from elmjax.tokenizer import load_tokenizer
+    from elmjax.tokenizer import copy_tokenizer_files, load_tokenizer
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -335,26 +334,9 @@ def save_pretrained(model: OpenELM, path: str | os.PathLike, *, tokenizer=None, 
         }
         atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=1))
     if tokenizer is not None:
-        _save_tokenizer_files(tokenizer, path)
+        copy_tokenizer_files(tokenizer.spec, path)  # byte: no file; config.json records the kind
     atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype, tokenizer), indent=1) + "\n")
     return path
-
-
-# Where each tokenizer kind's file goes in a Hub directory (the names tokenizer_spec_for looks for).
-TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
-
-
-def _save_tokenizer_files(tokenizer, path: Path) -> None:
-    from elmjax.tokenizer import tokenizer_file
-
-    src = tokenizer_file(tokenizer.spec)
-    if src is None:  # byte: no file; config.json records the kind
-        return
-    files = {TOKENIZER_FILES[tokenizer.spec.partition(":")[0]]: src}
-    if (src.parent / "tokenizer_config.json").is_file():  # names the HF special tokens (EOS/BOS)
-        files["tokenizer_config.json"] = src.parent / "tokenizer_config.json"
-    for name, source in files.items():
-        atomic_write(path / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
 
 
 def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from elmjax.config_io import atomic_write
 from elmjax.errors import MissingExtraError, UserError
 
 EXTRA_HINT = "pip install 'elmjax[tokenizers]'"
@@ -187,3 +189,24 @@ def tokenizer_file(spec: str) -> Path | None:
     """The file behind a spec (None for 'byte'); lets caches notice when it changes."""
     kind, sep, raw_path = spec.partition(":")
     return Path(raw_path).expanduser() if sep and raw_path else None
+
+
+# The file names a tokenizer's file gets when it is saved next to data or
+# weights: the Hugging Face Hub's names, which tokenizer lookups search for.
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+
+
+def copy_tokenizer_files(spec: str, directory: str | Path) -> str | None:
+    """Copy the file behind ``spec`` into ``directory`` under its Hub name (plus
+    a sibling tokenizer_config.json, which names HF special tokens); the name of
+    the copy, or None for 'byte' (no file)."""
+    src = tokenizer_file(spec)
+    if src is None:
+        return None
+    name = TOKENIZER_FILES[spec.partition(":")[0]]
+    files = {name: src}
+    if (src.parent / "tokenizer_config.json").is_file():
+        files["tokenizer_config.json"] = src.parent / "tokenizer_config.json"
+    for target, source in files.items():
+        atomic_write(Path(directory) / target, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return name

@@ -30,9 +30,9 @@ import numpy as np
 
 from elmjax import config_io, run_dir as rd
 from elmjax.checkpoint import Checkpointer
-from elmjax.cli import setup_logging
+from elmjax.cli import cli_logging
 from elmjax.config import Config, identity
-from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
+from elmjax.data import batch_fingerprint, tokenizer_spec, train_iterator, validation_set, vocab_size
 from elmjax.distributed import maybe_initialize
 from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
@@ -101,6 +101,11 @@ def run(config: Config, *, progress_callback=None) -> RunResult:
     """Train ``config`` to completion (resuming if its run_dir has checkpoints)."""
     maybe_initialize()
     setup_compilation_cache(config.compilation_cache)
+    used = tokenizer_spec(config.data)
+    if used != config.data.tokenizer:
+        # Prepared data is already tokenized: record the tokenizer it was made
+        # with, so generate/evaluate on this run decode with the right one.
+        config = config.replace(data=dataclasses.replace(config.data, tokenizer=used))
     path = _prepare_run_dir(config)
     if path is None:
         log.info("%s is already done", config.run_dir)
@@ -173,7 +178,8 @@ def _check_shapes(config: Config, mesh) -> None:
     data_vocab = vocab_size(config.data)
     if data_vocab > config.model.vocab_size:
         raise config_io.ConfigError(
-            f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data_vocab})"
+            f"model.vocab_size ({config.model.vocab_size}) is smaller than the vocabulary of tokenizer "
+            f"'{config.data.tokenizer}' ({data_vocab}); set model.vocab_size={data_vocab} (or more)"
         )
 
 
@@ -475,17 +481,17 @@ def main(argv=None) -> int:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_args(argv)
-    setup_logging()
     try:
-        config = config_io.load(Config, args.config, args.overrides)
-        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-        callback = None
-        if config.train.progress and not sys.stderr.isatty():
-            # A progress bar in a file (SLURM logs, pipes) is kilobytes of
-            # carriage returns: log plain lines at each log step instead.
-            config = config.replace(train=dataclasses.replace(config.train, progress=False))
-            callback = _log_progress
-        result = run(config, progress_callback=callback)
+        with cli_logging():
+            config = config_io.load(Config, args.config, args.overrides)
+            maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+            callback = None
+            if config.train.progress and not sys.stderr.isatty():
+                # A progress bar in a file (SLURM logs, pipes) is kilobytes of
+                # carriage returns: log plain lines at each log step instead.
+                config = config.replace(train=dataclasses.replace(config.train, progress=False))
+                callback = _log_progress
+            result = run(config, progress_callback=callback)
     except Interrupted as e:
         print(f"interrupted ({e}); rerun the same command to resume", file=sys.stderr)
         return 130

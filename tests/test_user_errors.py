@@ -5,6 +5,7 @@ with capsys; ``--debug`` shows the traceback of a user error as well.
 """
 
 import json
+import logging
 import re
 
 import pytest
@@ -199,6 +200,8 @@ def test_cli_run_directory_lifecycle(tmp_path, capsys):
     assert train.main([str(cfg), "optimizer.lr=0.01", "data.seed=3"]) == 2
     line = one_error_line(capsys)
     assert "different config (data.seed: 0 -> 3, optimizer.lr: 0.003 -> 0.01)" in line, line
+    # main() leaves the logging set-up as it found it (in-process callers, pytest's caplog).
+    assert logging.getLogger("elmjax").propagate and not logging.getLogger("elmjax").handlers
 
 
 def test_differences_lists_a_few_dotted_keys():
