@@ -39,6 +39,8 @@ _REQUIRED = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups"
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from an OpenELM ``config.json`` mapping."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise CheckpointError(f"{source}: missing key(s) {missing}; not an OpenELM config")
@@ -90,7 +92,8 @@ _SAME_IN_BOTH = {"num_transformer_layers": "num_layers", "model_dim": "model_dim
 _POSITIVE_INTS = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size",
                   "ffn_dim_divisor", "max_context_length")
 _BOOLS = ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers")
-_NUMBER_LISTS = ("qkv_multipliers", "ffn_multipliers", "num_query_heads", "num_kv_heads")
+_NUMBER_LISTS = ("qkv_multipliers", "ffn_multipliers")
+_INT_LISTS = ("num_query_heads", "num_kv_heads")
 
 
 def _is_number(v) -> bool:
@@ -108,6 +111,11 @@ def _check_types(hf: dict, source: str) -> None:
         v = hf.get(key)
         if v is not None and not (_is_number(v) or (isinstance(v, list) and v and all(map(_is_number, v)))):
             raise CheckpointError(f"{source}: {key}: expected a number or a list of numbers, got {v!r}")
+    for key in _INT_LISTS:
+        v = hf.get(key)
+        if v is not None and not (isinstance(v, list) and v and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+            raise CheckpointError(f"{source}: {key}: expected a list of positive integers (one per layer), got {v!r}")
     if "rope_freq_constant" in hf and not (_is_number(hf["rope_freq_constant"]) and hf["rope_freq_constant"] > 0):
         raise CheckpointError(f"{source}: rope_freq_constant: expected a positive number, got {hf['rope_freq_constant']!r}")
 

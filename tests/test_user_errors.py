@@ -98,6 +98,9 @@ def write_hf_dir(path, **changes):
     ({"num_transformer_layers": -2}, r"config\.json: num_transformer_layers: expected a positive integer, got -2"),
     ({"ffn_with_glu": "yes"}, r"config\.json: ffn_with_glu: expected true/false"),
     ({"ffn_multipliers": ["a", 1]}, r"config\.json: ffn_multipliers: expected a number or a list of numbers"),
+    ({"num_kv_heads": 2}, r"config\.json: num_kv_heads: expected a list of positive integers"),
+    ({"num_query_heads": [4, 0]}, r"config\.json: num_query_heads: expected a list of positive integers"),
+    ({"num_query_heads": [4, 4, 4]}, r"config\.json: .*qkv_multipliers: expected a number, \[min, max\] bounds or 2"),
 ])
 def test_hf_config_with_wrong_values_names_config_json_and_key(tmp_path, changes, message):
     with pytest.raises(CheckpointError, match=message):
