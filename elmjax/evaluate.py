@@ -29,11 +29,12 @@ from typing import Sequence
 
 from elmjax.cli import positive_int
 from elmjax.config_io import atomic_write_text
+from elmjax.errors import UserError
 
 METRICS = ("acc", "acc_norm")
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     """A task file is malformed; the message names the file, line and field."""
 
 
