@@ -102,9 +102,8 @@ def _coerce(value: Any, tp: Any, source: str | None, path: str) -> Any:
         except ValueError:
             pass
     if tp is int:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{_where(source, path)}: expected an integer, got {value!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or int(value) != value):  # int(inf) would raise OverflowError
             raise ConfigError(f"{_where(source, path)}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
