@@ -5,6 +5,7 @@ the configs and the analysis package never pull in JAX.
 """
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -19,12 +20,16 @@ _LAZY = {
     "from_pretrained": "elmjax.hf_interop",
     "save_pretrained": "elmjax.hf_interop",
     "generate": "elmjax.generate",
+    "load_model": "elmjax.checkpoint",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    # Submodules on first use, so ``import elmjax; elmjax.checkpoint.load_model(...)`` works.
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'elmjax' has no attribute {name!r}")
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from elmjax.config import CheckpointConfig, Config, MeshConfig
+from elmjax.errors import UserError
 from elmjax.sharding import make_mesh, param_shardings
 from elmjax.state import TrainState, abstract_model
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "elmjax.sha256.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint (orbax run directory or Hugging Face directory) that cannot be used."""
 
 

@@ -35,6 +35,8 @@ class DataConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.source != "stdlib" and not self.paths:
             raise ValueError(f"data.source '{self.source}' needs data.paths")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"max_documents must be >= 1 (or null for all), got {self.max_documents}")
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,21 @@ class OptimizerConfig:
     z_loss: float = 0.0  # weight of log(Z)^2 auxiliary loss
 
     def __post_init__(self):
-        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+        # Messages name the field; config_io prefixes the file and the section ('optimizer').
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"need lr > 0, got {self.lr}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        for name in ("weight_decay", "z_loss", "eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,11 @@ class Config:
     compilation_cache: str = "~/.cache/elmjax/xla"
 
     def __post_init__(self):
+        if self.data.seq_len > self.model.max_context_length:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) is longer than model.max_context_length "
+                f"({self.model.max_context_length}); lower data.seq_len or raise model.max_context_length"
+            )
         if self.data.batch_size % self.execution.grad_accum:
             raise ValueError(
                 f"data.batch_size ({self.data.batch_size}) must be divisible by execution.grad_accum "

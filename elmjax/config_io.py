@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 import types
@@ -21,8 +22,10 @@ from typing import Any, Union
 
 import yaml
 
+from elmjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config value or key is invalid. The message names source, key and reason."""
 
 
@@ -99,7 +102,8 @@ def _coerce(value: Any, tp: Any, source: str | None, path: str) -> Any:
         except ValueError:
             pass
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or int(value) != value):  # int(inf) would raise OverflowError
             raise ConfigError(f"{_where(source, path)}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -168,15 +172,60 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def duplicate_keys(node: yaml.Node, path: str = "") -> list[str]:
+    """'<dotted path>: duplicate key ...' for every repeated mapping key (PyYAML silently keeps the last one)."""
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            key = getattr(key_node, "value", None)
+            where = _join(path, str(key))
+            if key in seen:
+                out.append(f"{where}: duplicate key (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                           "YAML would silently keep only the last one")
+            seen.setdefault(key, key_node.start_mark.line + 1)
+            out += duplicate_keys(value_node, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += duplicate_keys(item, f"{path}[{i}]")
+    return out
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys of a nested mapping (lists are values)."""
+    if not isinstance(data, (dict, types.MappingProxyType)) or (prefix and not data):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(flatten(v, _join(prefix, str(k))))
+    return out
+
+
+def differences(old: Any, new: Any, limit: int = 3) -> str:
+    """'key: old -> new, ...' for the first ``limit`` dotted keys that differ ('' if none)."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    shown = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys[:limit]]
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping, with an error naming the file if it is not one."""
+    """Read a YAML mapping, with an error naming the file if it is not one or repeats a key."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        data = yaml.safe_load(text)
+        duplicates = duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    if duplicates:
+        more = f" (and {len(duplicates) - 1} more duplicate keys)" if len(duplicates) > 1 else ""
+        raise ConfigError(f"{p}: {duplicates[0]}{more}")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from elmjax.errors import UserError
+
 if TYPE_CHECKING:
     from elmjax.config import DataConfig
 
@@ -40,7 +42,7 @@ _GLOB_CHARS = set("*?[")
 _ENCODE_CHUNK = 256  # documents per batched tokenizer call
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing data; the message names the file (and line/field) and the reason."""
 
 

@@ -41,7 +41,7 @@ from elmjax.config import DataConfig
 from elmjax.corpus import (
     DataError, concat_with_eos, file_signature, pack, resolve_paths, row_target_bytes, token_bytes, tokenized_documents,
 )
-from elmjax.tokenizer import load_tokenizer, tokenizer_file
+from elmjax.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_file
 
 MANIFEST = "manifest.json"
 FORMAT = "elmjax.packed/1"
@@ -117,6 +117,7 @@ class _PackedDirs:
     train_files: list[str]
     val_files: list[str]
     val_row_bytes: np.ndarray
+    tokenizer: str  # the spec of the tokenizer the rows were made with
 
 
 def _packed_dirs(cfg: DataConfig) -> _PackedDirs:
@@ -138,13 +139,25 @@ def _packed_dirs(cfg: DataConfig) -> _PackedDirs:
         for k in ("tokenizer", "vocab_size", "eos_id", "dtype"):
             if m[k] != first[k]:
                 raise DataError(f"{d / MANIFEST}: {k} {m[k]!r} differs from {dirs[0] / MANIFEST} ({first[k]!r})")
-    if first["tokenizer"] != cfg.tokenizer:
-        warnings.warn(f"data.tokenizer '{cfg.tokenizer}' differs from the prepared data's '{first['tokenizer']}'; "
-                      "the data's tokenizer and vocab_size are used", stacklevel=3)
+    used = _packed_tokenizer(dirs[0], first)
+    if cfg.tokenizer not in (first["tokenizer"], used):
+        # One fixed call site, so Python's default filter shows it once per process.
+        warnings.warn(f"data.tokenizer '{cfg.tokenizer}' is not the prepared data's '{first['tokenizer']}': "
+                      f"the data is already tokenized, so '{used}' is the tokenizer used "
+                      "(elmjax.train records it in the run's config.yaml)", stacklevel=1)
     shards = {s: [str(d / s / f) for d, m in zip(dirs, manifests) for f in m["splits"][s]["shards"]]
               for s in ("train", "validation")}
     row_bytes = np.concatenate([np.load(d / "validation" / ROW_BYTES) for d in dirs])
-    return _PackedDirs(first, shards["train"], shards["validation"], row_bytes)
+    return _PackedDirs(first, shards["train"], shards["validation"], row_bytes, used)
+
+
+def _packed_tokenizer(d: Path, manifest: dict) -> str:
+    """The spec of the tokenizer the data was packed with: its copy inside the
+    packed directory when prepare saved one, else the spec prepare was given."""
+    copy = manifest.get("tokenizer_file")
+    if not copy:
+        return manifest["tokenizer"]
+    return f"{manifest['tokenizer'].partition(':')[0]}:{(d / copy).resolve()}"
 
 
 def _read_manifest(d: Path, cfg: DataConfig) -> dict:
@@ -263,6 +276,14 @@ def vocab_size(cfg: DataConfig) -> int:
     return load_tokenizer(cfg.tokenizer).vocab_size
 
 
+def tokenizer_spec(cfg: DataConfig) -> str:
+    """The tokenizer the data really uses: ``data.tokenizer``, except for
+    prepared data, whose rows were tokenized by ``prepare``."""
+    if cfg.source == "arrayrecord":
+        return _packed_dirs(cfg).tokenizer
+    return cfg.tokenizer
+
+
 def batch_fingerprint(batch: np.ndarray) -> str:
     """16 hex chars identifying a batch's shape and values (integers hash alike whatever their width)."""
     arr = np.asarray(batch)
@@ -353,6 +374,8 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, shard_size: int = 65536,
         raise DataError("prepare reads documents: --source must be stdlib, text, jsonl or parquet")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file; prepare writes a directory there")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     tok = load_tokenizer(cfg.tokenizer)
@@ -375,6 +398,8 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, shard_size: int = 65536,
         splits["train"].pop("row_bytes")
         manifest = {
             "format": FORMAT, "seq_len": cfg.seq_len, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size,
+            # The tokenizer's file travels with the data, so a run trained on it can record and reuse it.
+            "tokenizer_file": copy_tokenizer_files(cfg.tokenizer, tmp),
             "eos_id": tok.eos_id, "dtype": dtype.str,
             "bytes_per_token": splits["validation"]["bytes_per_token"],
             "source": {"source": cfg.source, "paths": list(cfg.paths), "text_field": cfg.text_field,

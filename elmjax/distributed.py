@@ -19,6 +19,8 @@ import os
 
 import jax
 
+from elmjax.errors import UserError
+
 log = logging.getLogger(__name__)
 _initialized = False
 
@@ -47,7 +49,7 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is not None:
         if num_processes is None or process_id is None:
-            raise ValueError("a coordinator address needs num_processes and process_id too")
+            raise UserError("--coordinator needs --num-processes and --process-id too")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     else:
         jax.distributed.initialize()

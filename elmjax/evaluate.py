@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from elmjax.cli import positive_int
 from elmjax.config_io import atomic_write_text
+from elmjax.errors import UserError
 
 METRICS = ("acc", "acc_norm")
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     """A task file is malformed; the message names the file, line and field."""
 
 
@@ -157,22 +159,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", required=True, help='JSONL files, one {"context", "choices", "gold"} per line')
     p.add_argument("--tokenizer", default=None, help="byte | sentencepiece:PATH | hf:PATH (default: the checkpoint's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--token-budget", type=int, default=None, help="tokens per scoring batch (memory vs speed)")
+    p.add_argument("--token-budget", type=positive_int, default=None, help="tokens per scoring batch (memory vs speed)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     from elmjax.generate import load_for_inference, user_errors
 
     try:
-        load_tasks(args.tasks)  # bad task files fail before the model loads
+        # Bad task files and a bad --out fail before the model loads.
+        load_tasks(args.tasks)
+        if args.out and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a directory; give the path of the JSON file to write")
         model, tok = load_for_inference(args.checkpoint, args.tokenizer, args.dtype)
         results = evaluate_tasks(model, tok, args.tasks, token_budget=args.token_budget, progress=True)
+        print(format_table(results))
+        if args.out:
+            record = {"checkpoint": str(args.checkpoint), "tokenizer": tok.spec, "tasks": _json_safe(results)}
+            atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(results))
-    if args.out:
-        record = {"checkpoint": str(args.checkpoint), "tokenizer": tok.spec, "tasks": _json_safe(results)}
-        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -240,6 +240,15 @@ def tokenizer_spec_for(path: str | Path) -> str:
 
         data = load_yaml(path / "config.yaml").get("data") or {}
         return data.get("tokenizer", "byte")
+    if (path / "config.json").is_file():
+        import json
+
+        try:
+            recorded = json.loads((path / "config.json").read_text()).get("elmjax_tokenizer")
+        except (OSError, ValueError, AttributeError):
+            recorded = None  # load_model reports what is wrong with config.json
+        if recorded == "byte":
+            return "byte"
     for name, kind in (("tokenizer.json", "hf"), ("tokenizer.model", "sentencepiece")):
         if (path / name).is_file():
             return f"{kind}:{path / name}"

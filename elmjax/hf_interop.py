@@ -10,6 +10,7 @@ linear branch. Nothing here downloads: ``path`` is a local directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.numpy import save_file
 
 from elmjax.checkpoint import CheckpointError
 from elmjax.config_io import atomic_write, atomic_write_text, to_dict
+from elmjax.errors import UserError
 from elmjax.layout import layer_layout
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
@@ -34,14 +36,22 @@ _REQUIRED = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups"
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from an OpenELM ``config.json`` mapping."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise CheckpointError(f"{source}: missing key(s) {missing}; not an OpenELM config")
+    _check_types(hf, source)
     if "elmjax" in hf:
         # Written by save_pretrained: restores schedules exactly.
         from elmjax.config_io import from_dict
 
-        return from_dict(ModelConfig, hf["elmjax"], source=f"{source}: elmjax")
+        cfg = from_dict(ModelConfig, hf["elmjax"], source=f"{source}: elmjax")
+        for hf_key, key in _SAME_IN_BOTH.items():
+            if hf[hf_key] != getattr(cfg, key):
+                raise CheckpointError(f"{source}: {hf_key} {hf[hf_key]!r} disagrees with elmjax.{key} "
+                                      f"{getattr(cfg, key)!r}; edit both or delete the 'elmjax' section")
+        return cfg
     n, d, e = hf["num_transformer_layers"], hf["model_dim"], hf["head_dim"]
     qkv = hf.get("qkv_multipliers", (0.5, 1.0))
     if "num_query_heads" in hf:
@@ -49,23 +59,62 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         # multipliers, which make_divisible maps back to the same counts.
         qkv = tuple(q * e / d for q in hf["num_query_heads"])
     ffn = hf.get("ffn_multipliers", (0.5, 4.0))
-    cfg = ModelConfig(
-        num_layers=n,
-        model_dim=d,
-        head_dim=e,
-        num_gqa_groups=hf["num_gqa_groups"],
-        qkv_multipliers=qkv if not isinstance(qkv, list) else tuple(qkv),
-        ffn_multipliers=tuple(ffn) if isinstance(ffn, list) else ffn,
-        ffn_dim_divisor=hf.get("ffn_dim_divisor", 256),
-        ffn_with_glu=hf.get("ffn_with_glu", True),
-        normalize_qk=hf.get("normalize_qk_projections", False),
-        tie_embeddings=hf.get("share_input_output_layers", False),
-        rope_theta=float(hf.get("rope_freq_constant", 10000)),
-        max_context_length=hf.get("max_context_length", 2048),
-        vocab_size=hf["vocab_size"],
-    )
+    try:
+        cfg = ModelConfig(
+            num_layers=n,
+            model_dim=d,
+            head_dim=e,
+            num_gqa_groups=hf["num_gqa_groups"],
+            qkv_multipliers=qkv if not isinstance(qkv, list) else tuple(qkv),
+            ffn_multipliers=tuple(ffn) if isinstance(ffn, list) else ffn,
+            ffn_dim_divisor=hf.get("ffn_dim_divisor", 256),
+            ffn_with_glu=hf.get("ffn_with_glu", True),
+            normalize_qk=hf.get("normalize_qk_projections", False),
+            tie_embeddings=hf.get("share_input_output_layers", False),
+            rope_theta=float(hf.get("rope_freq_constant", 10000)),
+            max_context_length=hf.get("max_context_length", 2048),
+            vocab_size=hf["vocab_size"],
+        )
+    except ValueError as e:  # ModelConfig's own checks (multipliers, head_dim parity, ...)
+        raise CheckpointError(f"{source}: {e}") from None
     _check_heads(cfg, hf, source)
     return cfg
+
+
+_SAME_IN_BOTH = {"num_transformer_layers": "num_layers", "model_dim": "model_dim", "head_dim": "head_dim",
+                 "num_gqa_groups": "num_gqa_groups", "vocab_size": "vocab_size"}
+
+# config.json key -> what it must hold; checked before any arithmetic so a
+# wrong type is one error naming the key, not a TypeError deep in the layout.
+_POSITIVE_INTS = ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size",
+                  "ffn_dim_divisor", "max_context_length")
+_BOOLS = ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers")
+_NUMBER_LISTS = ("qkv_multipliers", "ffn_multipliers")
+_INT_LISTS = ("num_query_heads", "num_kv_heads")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(hf: dict, source: str) -> None:
+    for key in _POSITIVE_INTS:
+        if key in hf and not (isinstance(hf[key], int) and not isinstance(hf[key], bool) and hf[key] >= 1):
+            raise CheckpointError(f"{source}: {key}: expected a positive integer, got {hf[key]!r}")
+    for key in _BOOLS:
+        if key in hf and not isinstance(hf[key], bool):
+            raise CheckpointError(f"{source}: {key}: expected true/false, got {hf[key]!r}")
+    for key in _NUMBER_LISTS:
+        v = hf.get(key)
+        if v is not None and not (_is_number(v) or (isinstance(v, list) and v and all(map(_is_number, v)))):
+            raise CheckpointError(f"{source}: {key}: expected a number or a list of numbers, got {v!r}")
+    for key in _INT_LISTS:
+        v = hf.get(key)
+        if v is not None and not (isinstance(v, list) and v and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+            raise CheckpointError(f"{source}: {key}: expected a list of positive integers (one per layer), got {v!r}")
+    if "rope_freq_constant" in hf and not (_is_number(hf["rope_freq_constant"]) and hf["rope_freq_constant"] > 0):
+        raise CheckpointError(f"{source}: rope_freq_constant: expected a positive number, got {hf['rope_freq_constant']!r}")
 
 
 def _check_heads(cfg: ModelConfig, hf: dict, source: str) -> None:
@@ -75,7 +124,8 @@ def _check_heads(cfg: ModelConfig, hf: dict, source: str) -> None:
             raise CheckpointError(f"{source}: {key} {list(hf[key])} disagrees with the derived layout {got}")
 
 
-def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
+def config_to_hf(cfg: ModelConfig, torch_dtype: str, tokenizer=None) -> dict:
+    """The Hub config.json mapping; ``tokenizer`` (a Tokenizer) supplies the special-token ids."""
     lay = layer_layout(cfg)
     from elmjax.layout import layer_multipliers
 
@@ -101,10 +151,12 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
         "vocab_size": cfg.vocab_size,
         "activation_fn_name": "swish",
         "initializer_range": 0.02,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        # The tokenizer's own ids (byte: BOS 257, EOS 256); null when no tokenizer is given.
+        "bos_token_id": getattr(tokenizer, "bos_id", None),
+        "eos_token_id": tokenizer.eos_id if tokenizer is not None else None,
         "torch_dtype": torch_dtype,
         "elmjax": to_dict(cfg),
+        **({"elmjax_tokenizer": tokenizer.spec.partition(":")[0]} if tokenizer is not None else {}),
     }
 
 
@@ -251,13 +303,22 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> OpenELM:
     return nnx.merge(graphdef, state)
 
 
-def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "float32",
+def save_pretrained(model: OpenELM, path: str | os.PathLike, *, tokenizer=None, dtype: str = "float32",
                     max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``model`` in the Hub layout. Files appear only when complete."""
+    """Write ``model`` in the Hub layout. Files appear only when complete.
+
+    ``tokenizer`` (a Tokenizer or a spec such as 'byte' or 'hf:PATH') gives
+    config.json its bos/eos ids, and its file is saved next to the weights
+    (``tokenizer.model`` or ``tokenizer.json``) so generate/evaluate find it;
+    without one the ids are null and the CLIs need ``--tokenizer``."""
     import ml_dtypes
+
+    from elmjax.tokenizer import copy_tokenizer_files, load_tokenizer
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     cfg = model.cfg
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -277,7 +338,9 @@ def save_pretrained(model: OpenELM, path: str | os.PathLike, *, dtype: str = "fl
             "weight_map": {k: n for n, s in zip(names, shards) for k in s},
         }
         atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=1))
-    atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype), indent=1) + "\n")
+    if tokenizer is not None:
+        copy_tokenizer_files(tokenizer.spec, path)  # byte: no file; config.json records the kind
+    atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, dtype, tokenizer), indent=1) + "\n")
     return path
 
 

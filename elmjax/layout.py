@@ -212,10 +212,12 @@ def plot_allocation(cfgs: dict[str, ModelConfig], path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from elmjax.cli import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m elmjax.layout", description=__doc__.splitlines()[0])
     parser.add_argument("spec", help=f"preset ({', '.join(PRESETS)}) or a YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. qkv_schedule=middle")
-    parser.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_context_length)")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="sequence length for FLOPs (default: max_context_length)")
     parser.add_argument("--plot", metavar="PNG", help="draw heads and FFN width against depth to this file")
     args = parser.parse_args(argv)
     from elmjax.config_io import ConfigError

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from elmjax.config import MeshConfig
+from elmjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
 }
 
 
-class MeshError(ValueError):
-    pass
+class MeshError(UserError):
+    """The mesh does not fit the devices (a user error: the message names the mesh keys)."""
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

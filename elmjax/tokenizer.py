@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
+
+from elmjax.config_io import atomic_write
+from elmjax.errors import MissingExtraError, UserError
 
 EXTRA_HINT = "pip install 'elmjax[tokenizers]'"
 KINDS = ("byte", "sentencepiece:PATH", "hf:PATH")
@@ -32,10 +36,15 @@ KINDS = ("byte", "sentencepiece:PATH", "hf:PATH")
 _HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[EOS]", "<|im_end|>")
 
 
+class TokenizerError(UserError):
+    """A tokenizer spec or file is unusable; the message names the spec, the file and the reason."""
+
+
 class Tokenizer(Protocol):
     spec: str
     vocab_size: int
     eos_id: int
+    bos_id: int | None  # None: the tokenizer has no beginning-of-text token
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -74,11 +83,15 @@ class SentencePieceTokenizer:
     def __init__(self, path: Path, spec: str):
         spm = _import("sentencepiece", spec)
         self.spec = spec
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:  # sentencepiece's C++ parser raises either
+            raise TokenizerError(f"tokenizer '{spec}': cannot read {path} as a SentencePiece model: {e}") from e
         self.vocab_size = int(self._sp.get_piece_size())
         self.eos_id = int(self._sp.eos_id())
+        self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
         if self.eos_id < 0:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer '{spec}': the SentencePiece model has no EOS piece (eos_id=-1); "
                 "packing needs one to separate documents: train it with eos_id >= 0"
             )
@@ -100,11 +113,12 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust error says what is wrong in the JSON
-            raise ValueError(f"tokenizer '{spec}': cannot read {path} as a tokenizer.json: {e}") from e
+            raise TokenizerError(f"tokenizer '{spec}': cannot read {path} as a tokenizer.json: {e}") from e
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Ids can be sparse; the embedding table must cover the largest one.
         self.vocab_size = max(vocab.values()) + 1
         self.eos_id = _hf_eos_id(path, vocab, spec)
+        self.bos_id = _hf_special_id(path, vocab, spec, "bos_token")
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -117,22 +131,30 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def _hf_special_id(path: Path, vocab: dict[str, int], spec: str, key: str) -> int | None:
+    """The id of special token ``key`` ('eos_token', 'bos_token') named in a sibling tokenizer_config.json."""
+    config = path.parent / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        token = json.loads(config.read_text()).get(key)
+    except (OSError, ValueError, AttributeError) as e:
+        raise TokenizerError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
+    if isinstance(token, dict):  # serialised AddedToken
+        token = token.get("content")
+    return vocab[token] if isinstance(token, str) and token in vocab else None
+
+
 def _hf_eos_id(path: Path, vocab: dict[str, int], spec: str) -> int:
     """EOS from a sibling tokenizer_config.json if there is one, else a well-known spelling."""
     config = path.parent / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            eos = json.loads(config.read_text()).get("eos_token")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"tokenizer '{spec}': cannot read {config}: {e}") from e
-        if isinstance(eos, dict):  # serialised AddedToken
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos in vocab:
-            return vocab[eos]
+    eos = _hf_special_id(path, vocab, spec, "eos_token")
+    if eos is not None:
+        return eos
     for token in _HF_EOS_CANDIDATES:
         if token in vocab:
             return vocab[token]
-    raise ValueError(
+    raise TokenizerError(
         f"tokenizer '{spec}': found no end-of-text token (tried eos_token in {config.name} and "
         f"{', '.join(_HF_EOS_CANDIDATES)}); packing needs one to separate documents: add one as a special token"
     )
@@ -142,7 +164,7 @@ def _import(module: str, spec: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtraError(
             f"tokenizer '{spec}' needs the '{module}' library, which is not installed: {EXTRA_HINT}"
         ) from e
 
@@ -154,12 +176,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
     kind, sep, raw_path = spec.partition(":")
     classes = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
     if not sep or kind not in classes:
-        raise ValueError(f"unknown tokenizer '{spec}': expected one of {', '.join(KINDS)}")
+        raise TokenizerError(f"unknown tokenizer '{spec}': expected one of {', '.join(KINDS)}")
     if not raw_path:
-        raise ValueError(f"tokenizer '{spec}': missing the file path after '{kind}:'")
+        raise TokenizerError(f"tokenizer '{spec}': missing the file path after '{kind}:'")
     path = Path(raw_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer '{spec}': file not found: {path}")
+        raise TokenizerError(f"tokenizer '{spec}': file not found: {path}")
     return classes[kind](path, spec)
 
 
@@ -167,3 +189,24 @@ def tokenizer_file(spec: str) -> Path | None:
     """The file behind a spec (None for 'byte'); lets caches notice when it changes."""
     kind, sep, raw_path = spec.partition(":")
     return Path(raw_path).expanduser() if sep and raw_path else None
+
+
+# The file names a tokenizer's file gets when it is saved next to data or
+# weights: the Hugging Face Hub's names, which tokenizer lookups search for.
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+
+
+def copy_tokenizer_files(spec: str, directory: str | Path) -> str | None:
+    """Copy the file behind ``spec`` into ``directory`` under its Hub name (plus
+    a sibling tokenizer_config.json, which names HF special tokens); the name of
+    the copy, or None for 'byte' (no file)."""
+    src = tokenizer_file(spec)
+    if src is None:
+        return None
+    name = TOKENIZER_FILES[spec.partition(":")[0]]
+    files = {name: src}
+    if (src.parent / "tokenizer_config.json").is_file():
+        files["tokenizer_config.json"] = src.parent / "tokenizer_config.json"
+    for target, source in files.items():
+        atomic_write(Path(directory) / target, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return name

@@ -11,6 +11,7 @@ with status ``diverged``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -28,9 +29,11 @@ import numpy as np
 
 from elmjax import config_io, run_dir as rd, tb_log
 from elmjax.checkpoint import Checkpointer
+from elmjax.cli import cli_logging
 from elmjax.config import Config, identity
-from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
+from elmjax.data import batch_fingerprint, tokenizer_spec, train_iterator, validation_set, vocab_size
 from elmjax.distributed import StopAgreement, maybe_initialize
+from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, replicated
@@ -64,25 +67,45 @@ def setup_compilation_cache(path: str) -> None:
 
 
 def _prepare_run_dir(config: Config) -> Path | None:
-    """Check a resumed directory belongs to this config; None if already done."""
+    """Check a resumed directory belongs to this config; None if already done.
+
+    A directory whose earlier attempt never saved a checkpoint (e.g. it failed
+    during setup) holds nothing to resume, so a corrected config replaces its
+    config.yaml instead of being refused."""
     path = Path(config.run_dir)
+    if path.exists() and not path.is_dir():
+        raise config_io.ConfigError(f"run_dir: {path} is a file, not a directory")
     saved = path / "config.yaml"
     if saved.exists():
         old = config_io.load(Config, saved)
         if identity(old) != identity(config):
-            raise config_io.ConfigError(
-                f"{saved}: this run directory holds a run with a different config; "
-                "use another run_dir (or delete this one) to start a new run"
-            )
-        if rd.read_status(path)["state"] == "done" and rd.read_final(path) is not None:
+            changed = config_io.differences(identity(old), identity(config))
+            if _has_checkpoint(path) or rd.read_final(path) is not None:
+                raise config_io.ConfigError(
+                    f"{saved}: this run directory holds a run with a different config ({changed}); "
+                    "use another run_dir (or delete this one) to start a new run"
+                )
+            log.warning("%s: replacing the config of an attempt that saved no checkpoint (%s)", path, changed)
+        elif rd.read_status(path)["state"] == "done" and rd.read_final(path) is not None:
             return None
     return path
+
+
+def _has_checkpoint(path: Path) -> bool:
+    """Any checkpoint step on disk, finished or not (orbax names step directories by number)."""
+    root = path / "checkpoints"
+    return root.is_dir() and any(p.name.split(".")[0].isdigit() for p in root.iterdir())
 
 
 def run(config: Config, *, progress_callback=None) -> RunResult:
     """Train ``config`` to completion (resuming if its run_dir has checkpoints)."""
     maybe_initialize()
     setup_compilation_cache(config.compilation_cache)
+    used = tokenizer_spec(config.data)
+    if used != config.data.tokenizer:
+        # Prepared data is already tokenized: record the tokenizer it was made
+        # with, so generate/evaluate on this run decode with the right one.
+        config = config.replace(data=dataclasses.replace(config.data, tokenizer=used))
     path = _prepare_run_dir(config)
     if path is None:
         log.info("%s is already done", config.run_dir)
@@ -142,6 +165,10 @@ class _Session:
 
 
 def _check_shapes(config: Config, mesh) -> None:
+    # Open the data first (tokenized once and cached for the loop): a wrong
+    # path, field or empty corpus fails in seconds, before any compilation.
+    train_iterator(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    validation_set(config.data)
     div = batch_divisor(mesh) * config.execution.grad_accum
     if config.data.batch_size % div:
         raise config_io.ConfigError(
@@ -151,7 +178,8 @@ def _check_shapes(config: Config, mesh) -> None:
     data_vocab = vocab_size(config.data)
     if data_vocab > config.model.vocab_size:
         raise config_io.ConfigError(
-            f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data_vocab})"
+            f"model.vocab_size ({config.model.vocab_size}) is smaller than the vocabulary of tokenizer "
+            f"'{config.data.tokenizer}' ({data_vocab}); set model.vocab_size={data_vocab} (or more)"
         )
 
 
@@ -391,6 +419,10 @@ class _Loop:
         return RunResult(self.path, "done", final)
 
 
+def _log_progress(step: int, total: int, row: dict) -> None:
+    log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s", step, total, row["loss"], row["lr"], row["tokens_per_s"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m elmjax.train", description="Train an elmjax model.")
     parser.add_argument("config", help="training config YAML")
@@ -398,21 +430,28 @@ def main(argv=None) -> int:
     parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        config = config_io.load(Config, args.config, args.overrides)
-    except config_io.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-    try:
-        result = run(config)
+        with cli_logging():
+            config = config_io.load(Config, args.config, args.overrides)
+            maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+            callback = None
+            if config.train.progress and not sys.stderr.isatty():
+                # A progress bar in a file (SLURM logs, pipes) is kilobytes of
+                # carriage returns: log plain lines at each log step instead.
+                config = config.replace(train=dataclasses.replace(config.train, progress=False))
+                callback = _log_progress
+            result = run(config, progress_callback=callback)
     except Interrupted as e:
         print(f"interrupted ({e}); rerun the same command to resume", file=sys.stderr)
         return 130
-    except config_io.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        # A mistake in the config, data, tokenizer or mesh: one line naming
+        # the key or file. Anything else is a bug and keeps its traceback.
+        if args.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if result.state == "diverged":
         print(f"run diverged: see {result.run_dir / 'status.json'}", file=sys.stderr)

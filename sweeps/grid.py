@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from elmjax import config_io
 from elmjax.config import Config
 from elmjax.config_io import ConfigError, suggest
@@ -83,7 +81,7 @@ class Grid:
 def load_grid(path: str | Path) -> Grid:
     """Parse and validate a grid file; GridError lists every problem found."""
     path = Path(path)
-    raw = _load_strict_yaml(path)
+    raw = config_io.load_yaml(path)  # its errors: missing file, invalid YAML, not a mapping, duplicate keys
     errors = Problems(str(path))
     for key in raw:
         if key not in TOP_KEYS:
@@ -124,33 +122,6 @@ def _parse_eval(value, errors: Problems) -> EvalSpec:
     for problem in check_tasks(spec):
         errors.add_located(problem)
     return spec
-
-
-def _duplicate_keys(node, path: str = "") -> list[str]:
-    """'<yaml path>: duplicate key ...' for every repeated mapping key (PyYAML silently keeps the last one)."""
-    out = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict = {}
-        for key_node, value_node in node.value:
-            key = getattr(key_node, "value", None)
-            where = f"{path}.{key}" if path else str(key)
-            if key in seen:
-                out.append(f"{where}: duplicate key (lines {seen[key]} and {key_node.start_mark.line + 1}); "
-                           "YAML would silently keep only the last one")
-            seen.setdefault(key, key_node.start_mark.line + 1)
-            out += _duplicate_keys(value_node, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out += _duplicate_keys(item, f"{path}[{i}]")
-    return out
-
-
-def _load_strict_yaml(path: Path) -> dict:
-    raw = config_io.load_yaml(path)  # its errors: missing file, invalid YAML, not a mapping
-    duplicates = _duplicate_keys(yaml.compose(path.read_text(), Loader=yaml.SafeLoader))
-    if duplicates:
-        raise GridError([f"{path}: {d}" for d in duplicates])
-    return raw
 
 
 def _parse_match(value, errors: Problems) -> Match:

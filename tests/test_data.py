@@ -409,3 +409,34 @@ def test_tokenizing_and_validation_do_not_import_jax():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_prepare_keeps_the_tokenizer_with_the_data_and_a_mismatch_warns_once_truthfully(corpus, tmp_path):
+    import warnings
+
+    from test_tokenizer import train_hf
+
+    (tmp_path / "tok_src").mkdir()
+    tok_file = train_hf(tmp_path / "tok_src")
+    cfg, _ = corpus
+    cfg = DataConfig(**{**cfg.__dict__, "tokenizer": f"hf:{tok_file}"})
+    m = data.prepare(cfg, tmp_path / "packed", progress=False)
+    assert m["tokenizer_file"] == "tokenizer.json"
+    assert (tmp_path / "packed" / "tokenizer.json").read_bytes() == tok_file.read_bytes()
+    copy = f"hf:{(tmp_path / 'packed' / 'tokenizer.json').resolve()}"
+    # A config still saying 'byte' (e.g. tiny_cpu.yaml): the data's tokenizer is what is used, said once.
+    ar = DataConfig(**{**cfg.__dict__, "source": "arrayrecord", "paths": (str(tmp_path / "packed"),),
+                       "tokenizer": "byte"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        assert data.tokenizer_spec(ar) == copy
+        assert data.vocab_size(ar) == m["vocab_size"] > 259
+        data.validation_set(ar)
+        next(data.train_iterator(ar))
+    messages = [str(w.message) for w in caught if "data.tokenizer" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert f"'{copy}' is the tokenizer used" in messages[0]
+    # Once the config names the data's tokenizer (as the run's config.yaml will), no warning at all.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.validation_set(DataConfig(**{**ar.__dict__, "tokenizer": copy}))

@@ -140,3 +140,40 @@ def test_unknown_layout_and_missing_files(tmp_path):
 def test_save_leaves_no_temporary_files(tmp_path):
     save_pretrained(OpenELM(CFG, rngs=nnx.Rngs(0)), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+SMALL = ModelConfig(num_layers=2, model_dim=32, head_dim=16, num_gqa_groups=1, ffn_dim_divisor=16, vocab_size=320)
+
+
+def test_save_pretrained_writes_the_byte_tokenizers_ids_and_records_it(tmp_path):
+    from elmjax.generate import tokenizer_spec_for
+
+    model = OpenELM(SMALL, rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path / "byte", tokenizer="byte")
+    hf = json.loads((tmp_path / "byte" / "config.json").read_text())
+    assert (hf["bos_token_id"], hf["eos_token_id"]) == (257, 256)
+    assert tokenizer_spec_for(tmp_path / "byte") == "byte"
+    # Without a tokenizer nothing is guessed: null ids, and the CLIs ask for --tokenizer.
+    save_pretrained(model, tmp_path / "none")
+    hf = json.loads((tmp_path / "none" / "config.json").read_text())
+    assert (hf["bos_token_id"], hf["eos_token_id"]) == (None, None)
+
+
+@pytest.mark.parametrize("kind", ["hf", "sentencepiece"])
+def test_save_pretrained_saves_the_tokenizer_file_next_to_the_weights(tmp_path, kind):
+    from test_tokenizer import train_hf, train_sentencepiece
+
+    from elmjax.generate import load_for_inference
+    from elmjax.tokenizer import load_tokenizer
+
+    src = train_hf(tmp_path) if kind == "hf" else train_sentencepiece(tmp_path)
+    tok = load_tokenizer(f"{kind}:{src}")
+    save_pretrained(OpenELM(SMALL, rngs=nnx.Rngs(0)), tmp_path / "out", tokenizer=tok)
+    hf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (hf["bos_token_id"], hf["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    name = "tokenizer.json" if kind == "hf" else "tokenizer.model"
+    assert (tmp_path / "out" / name).read_bytes() == src.read_bytes()
+    # generate/evaluate find it without --tokenizer, and it is the same tokenizer.
+    _, back = load_for_inference(tmp_path / "out")
+    assert back.spec == f"{kind}:{tmp_path / 'out' / name}"
+    assert back.encode("alpha beta gamma") == tok.encode("alpha beta gamma") and back.eos_id == tok.eos_id

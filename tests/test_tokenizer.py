@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from elmjax.model_config import ModelConfig
-from elmjax.tokenizer import ByteTokenizer, load_tokenizer
+from elmjax.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 
 TEXT = "def f(x):\n    return x  # héllo wörld, 日本語 ✓\n"
 
@@ -48,7 +48,7 @@ def test_unknown_kind_lists_the_valid_ones():
 
 def test_missing_file_is_named(tmp_path):
     missing = tmp_path / "nope.model"
-    with pytest.raises(FileNotFoundError, match="nope.model"):
+    with pytest.raises(TokenizerError, match="file not found: .*nope.model"):
         load_tokenizer(f"sentencepiece:{missing}")
     with pytest.raises(ValueError, match="missing the file path"):
         load_tokenizer("hf:")
