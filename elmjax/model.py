@@ -7,10 +7,11 @@ Dimension glossary (suffixes on array names):
   B batch            L query length       S key/value length
   D model_dim        H query heads        K key/value heads
   G = H // K         E head_dim           F FFN width
-  V vocab            T = H + 2K fused qkv heads
+  V vocab            C = G + 2 slots per kv group (G queries, key, value)
 
 Computation matches Apple's released ``modeling_openelm.py``: pre-RMSNorm
-blocks, one fused QKV projection ordered [queries, keys, values], RMSNorm over
+blocks, one fused QKV projection (stored group-major, see ``Attention``;
+``hf_interop`` converts from the Hub's [queries, keys, values]), RMSNorm over
 head_dim on q and k (before RoPE), rotate-half RoPE, GQA where kv head j
 serves query heads j*G .. j*G+G-1, SwiGLU whose fused projection holds the
 gate first, final RMSNorm and an output head tied to the embedding.
@@ -66,14 +67,23 @@ def rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
+    """Grouped-query attention with a group-major fused QKV projection.
+
+    ``qkv_DKCE`` holds, for each kv head k, its G query heads (C = 0..G-1),
+    then its key (C = G) and its value (C = G+1). Query head h = k*G + g is
+    served by kv head k (OpenELM's repeat_interleave order), so splitting the
+    K axis across devices gives each device whole groups: queries, keys and
+    values of a group never live on different devices."""
+
     def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
         D, E = cfg.model_dim, cfg.head_dim
         self.num_q, self.num_kv = layout.q_heads, layout.kv_heads
+        self.groups = self.num_q // self.num_kv
         self.head_dim, self.theta = E, cfg.rope_theta
-        T = self.num_q + 2 * self.num_kv
-        self.qkv_DTE = _param(rngs, (D, T, E), D**-0.5, ("embed", "qkv_heads", "head_dim"))
+        K, G = self.num_kv, self.groups
+        self.qkv_DKCE = _param(rngs, (D, K, G + 2, E), D**-0.5, ("embed", "kv_heads", None, "head_dim"))
         out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
-        self.out_HED = _param(rngs, (self.num_q, E, D), out_std, ("q_heads", "head_dim", "embed"))
+        self.out_KGED = _param(rngs, (K, G, E, D), out_std, ("kv_heads", None, "head_dim", "embed"))
         if cfg.normalize_qk:
             self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
             self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
@@ -82,10 +92,11 @@ class Attention(nnx.Module):
 
     def project(self, x_BLD: jax.Array, positions_BL: jax.Array):
         """Queries, keys and values after QK-norm and RoPE."""
-        qkv_BLTE = jnp.einsum("bld,dte->blte", x_BLD, self.qkv_DTE[...].astype(x_BLD.dtype))
-        q_BLHE = qkv_BLTE[:, :, : self.num_q]
-        k_BLKE = qkv_BLTE[:, :, self.num_q : self.num_q + self.num_kv]
-        v_BLKE = qkv_BLTE[:, :, self.num_q + self.num_kv :]
+        qkv_BLKCE = jnp.einsum("bld,dkce->blkce", x_BLD, self.qkv_DKCE[...].astype(x_BLD.dtype))
+        B, L, K, _, E = qkv_BLKCE.shape
+        q_BLHE = qkv_BLKCE[:, :, :, : self.groups].reshape(B, L, K * self.groups, E)
+        k_BLKE = qkv_BLKCE[:, :, :, self.groups]
+        v_BLKE = qkv_BLKCE[:, :, :, self.groups + 1]
         if self.q_norm is not None:
             q_BLHE, k_BLKE = self.q_norm(q_BLHE), self.k_norm(k_BLKE)
         q_BLHE = rope(q_BLHE, positions_BL, self.theta)
@@ -93,7 +104,9 @@ class Attention(nnx.Module):
         return q_BLHE, k_BLKE, v_BLKE
 
     def output(self, attn_BLHE: jax.Array) -> jax.Array:
-        return jnp.einsum("blhe,hed->bld", attn_BLHE, self.out_HED[...].astype(attn_BLHE.dtype))
+        B, L, _, E = attn_BLHE.shape
+        attn_BLKGE = attn_BLHE.reshape(B, L, self.num_kv, self.groups, E)
+        return jnp.einsum("blkge,kged->bld", attn_BLKGE, self.out_KGED[...].astype(attn_BLHE.dtype))
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
         q, k, v = self.project(x_BLD, positions_BL)
