@@ -1,7 +1,9 @@
 """OpenELM decoder in Flax NNX: architecture only.
 
 No mesh names, I/O, optimizer or logging here. Every parameter carries
-``logical_axes`` metadata; ``elmjax.sharding`` maps those names to mesh axes.
+``logical_axes`` metadata, and activations at layer boundaries are marked
+with logical axes through ``constrain``; ``elmjax.sharding`` maps those names
+to mesh axes (and makes ``constrain`` a no-op outside a sharded step).
 
 Dimension glossary (suffixes on array names):
   B batch            L query length       S key/value length
@@ -27,6 +29,11 @@ from flax import nnx
 
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
+from elmjax.sharding import constrain
+
+# Logical axes of the activations pinned between layers and on the logits.
+HIDDEN = ("batch", "length", "embed")
+LOGITS = ("batch", "length", "vocab")
 
 
 class KVCache(NamedTuple):
@@ -93,6 +100,7 @@ class Attention(nnx.Module):
     def project(self, x_BLD: jax.Array, positions_BL: jax.Array):
         """Queries, keys and values after QK-norm and RoPE."""
         qkv_BLKCE = jnp.einsum("bld,dkce->blkce", x_BLD, self.qkv_DKCE[...].astype(x_BLD.dtype))
+        qkv_BLKCE = constrain(qkv_BLKCE, ("batch", "length", "kv_heads", None, "head_dim"))
         B, L, K, _, E = qkv_BLKCE.shape
         q_BLHE = qkv_BLKCE[:, :, :, : self.groups].reshape(B, L, K * self.groups, E)
         k_BLKE = qkv_BLKCE[:, :, :, self.groups]
@@ -146,6 +154,7 @@ class FeedForward(nnx.Module):
             h_BLF = jax.nn.silu(h_BLPF[:, :, 0]) * h_BLPF[:, :, 1]
         else:
             h_BLF = jax.nn.silu(h_BLPF[:, :, 0])
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
         return jnp.einsum("blf,fd->bld", h_BLF, self.out_FD[...].astype(h_BLF.dtype))
 
 
@@ -186,24 +195,30 @@ class OpenELM(nnx.Module):
         self.head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), D**-0.5, ("embed", "vocab"))
 
     def embed(self, tokens_BL: jax.Array) -> jax.Array:
-        return self.embed_VD[...].astype(self.dtype)[tokens_BL]
+        return constrain(self.embed_VD[...].astype(self.dtype)[tokens_BL], HIDDEN)
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         x_BLD = self.norm(x_BLD)
         # Logits accumulate and stay in float32 for a stable softmax / loss.
         if self.head_DV is None:
-            return jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(self.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
+            out = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(out, LOGITS)
 
-    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
-        """Float32 logits [B, L, V] for token ids [B, L] (causal)."""
+    def hidden(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """The last layer's output [B, L, D], before the final norm and head."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = self.embed(tokens_BL)
         run = _run_layer_remat if self.cfg.remat else _run_layer
         for layer in self.layers:
-            x_BLD = run(layer, x_BLD, positions_BL)
-        return self.logits(x_BLD)
+            x_BLD = constrain(run(layer, x_BLD, positions_BL), HIDDEN)
+        return x_BLD
+
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, L, V] for token ids [B, L] (causal)."""
+        return self.logits(self.hidden(tokens_BL, positions_BL))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
         """Zeroed per-layer caches; each layer has its own kv head count."""

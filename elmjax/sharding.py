@@ -2,16 +2,29 @@
 
 The mesh has axes (data, fsdp, tensor). Parameters are sharded FSDP-style
 over ``fsdp`` along their ``embed`` dimension and Megatron-style over
-``tensor`` along heads / FFN width / vocab; batches are split over
+``tensor`` along kv groups / FFN width / vocab; batches are split over
 (data, fsdp). A dimension that a mesh axis does not divide (an odd head count,
 a 259-token vocab) is replicated along that axis instead: always correct,
 just less parallel, and reported once in the log.
+
+Activations use the same names and the same table. The model marks them with
+``constrain(x, ("batch", "length", "embed"))``, a no-op unless a step is
+traced inside ``activation_sharding(mesh)``; inside, it pins the array to
+the mesh (``jax.lax.with_sharding_constraint``). Without these pins GSPMD is
+free to all-gather the token batch under FSDP and all-reduce the full logits.
+A mesh axis is used at most once per array, first dimension first (as in
+flax's ``logical_to_mesh_axes``): an activation [batch, length, embed] keeps
+its batch on (data, fsdp) and its embed dimension whole, while a parameter
+[vocab, embed] puts embed on fsdp.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -24,13 +37,14 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated),
+# for parameters and activations alike.
 LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "length": None,
     "embed": "fsdp",
     "vocab": "tensor",
-    "qkv_heads": "tensor",
-    "q_heads": "tensor",
+    "heads": "tensor",  # query heads of an activation; whole kv groups when K divides tensor
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
@@ -72,21 +86,46 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec for a parameter, dropping mesh axes that don't divide its dims."""
-    spec = []
-    for name, dim in zip(axes, shape):
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: Mapping[str, int] | Mesh) -> P:
+    """PartitionSpec for an array with logical ``axes``.
+
+    A dimension keeps its rule's mesh axes only if they divide it and none of
+    them is already taken by an earlier dimension; otherwise it is replicated.
+    ``mesh_shape`` is a Mesh or a mapping axis name -> size."""
+    sizes = mesh_shape.shape if isinstance(mesh_shape, Mesh) else mesh_shape
+    spec, used = [], set()
+    for name, dim in zip(axes, shape, strict=True):
         if name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_RULES")
         target = LOGICAL_RULES[name]
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        size = math.prod(mesh.shape[a] for a in mesh_axes)
-        if mesh_axes and dim % size:
-            if size > 1:
-                log.info("replicating %s (size %d) over %s: not divisible by %d", name, dim, mesh_axes, size)
+        mesh_axes = tuple(a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if sizes.get(a, 1) > 1)
+        if used.intersection(mesh_axes) or dim % math.prod(sizes[a] for a in mesh_axes):
             mesh_axes = ()
+        used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
     return P(*spec)
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("elmjax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None):
+    """Within this context (while tracing), ``constrain`` pins activations to ``mesh``."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pin activation ``x`` (logical ``axes``) to the active mesh; identity outside
+    ``activation_sharding`` (one device: generation, scoring, HF interop)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:

@@ -198,7 +198,7 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
     step_fn = make_train_step(graphdef, optimizer, lr_schedule(config.optimizer, total),
-                              z_loss=config.optimizer.z_loss, grad_accum=config.train.grad_accum)
+                              z_loss=config.optimizer.z_loss, grad_accum=config.train.grad_accum, mesh=mesh)
     bsh, rep = batch_sharding(mesh), replicated(mesh)
     return _Session(
         config=config,
@@ -207,7 +207,7 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
         start_step=start,
         data_state=data_state,
         train_step=jax.jit(step_fn, in_shardings=(shardings, bsh), out_shardings=(shardings, rep), donate_argnums=0),
-        eval_step=jax.jit(make_eval_step(eval_graphdef), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
+        eval_step=jax.jit(make_eval_step(eval_graphdef, mesh), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
                           out_shardings=rep),
         batch_sharding=bsh,
         flops_per_token=train_flops_per_token(config.model, config.data.seq_len),

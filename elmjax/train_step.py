@@ -14,7 +14,7 @@ from flax import nnx
 
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
-from elmjax.sharding import replicated
+from elmjax.sharding import activation_sharding, replicated
 
 
 class TrainState(NamedTuple):
@@ -46,9 +46,13 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    *, z_loss: float, grad_accum: int) -> Callable:
+                    *, z_loss: float, grad_accum: int, mesh=None) -> Callable:
+    """The jittable step. With ``mesh``, activations are pinned to it (see
+    ``elmjax.sharding``), which is what keeps FSDP's memory and traffic low."""
+
     def loss_fn(params, tokens_BL1):
-        logits = nnx.merge(graphdef, params)(tokens_BL1[:, :-1])
+        with activation_sharding(mesh):
+            logits = nnx.merge(graphdef, params)(tokens_BL1[:, :-1])
         ce, z2 = cross_entropy(logits, tokens_BL1[:, 1:])
         return ce + z_loss * z2, ce
 
@@ -78,11 +82,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, mesh=None) -> Callable:
     """Sums of float32 NLL, correct top-1 predictions and counted tokens."""
 
     def eval_step(params, batch_BL1: jax.Array, row_weights_B: jax.Array):
-        logits = nnx.merge(graphdef, params)(batch_BL1[:, :-1]).astype(jnp.float32)
+        with activation_sharding(mesh):
+            logits = nnx.merge(graphdef, params)(batch_BL1[:, :-1]).astype(jnp.float32)
         targets = batch_BL1[:, 1:]
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         w = jnp.broadcast_to(row_weights_B[:, None], nll.shape)

@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -6,7 +7,8 @@ from jax.sharding import PartitionSpec as P
 from elmjax.config import MeshConfig
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
-from elmjax.sharding import MeshError, logical_to_spec, make_mesh, mesh_shape, param_shardings
+from elmjax.sharding import (MeshError, activation_sharding, constrain, logical_to_spec, make_mesh, mesh_shape,
+                             param_shardings)
 
 
 def test_mesh_shape_fills_minus_one():
@@ -30,13 +32,41 @@ def test_bad_mesh_configs(cfg, match):
 
 def test_rules_shard_heads_and_ffn_over_tensor_and_embed_over_fsdp():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    assert logical_to_spec(("embed", "qkv_heads", "head_dim"), (64, 8, 16), mesh) == P("fsdp", "tensor", None)
+    assert logical_to_spec(("embed", "kv_heads", None, "head_dim"), (64, 4, 4, 16), mesh) == P("fsdp", "tensor", None, None)
     assert logical_to_spec(("mlp", "embed"), (128, 64), mesh) == P("tensor", "fsdp")
-    # 259-token vocab and 3 heads don't divide 2: replicated, still correct.
+    # 259-token vocab and 3 kv heads don't divide 2: replicated, still correct.
     assert logical_to_spec(("vocab", "embed"), (259, 64), mesh) == P(None, "fsdp")
-    assert logical_to_spec(("q_heads", "head_dim", "embed"), (3, 16, 64), mesh) == P(None, None, "fsdp")
+    assert logical_to_spec(("kv_heads", None, "head_dim", "embed"), (3, 2, 16, 64), mesh) == P(None, None, None, "fsdp")
     with pytest.raises(KeyError, match="no sharding rule"):
         logical_to_spec(("bogus",), (4,), mesh)
+
+
+def test_activation_rules_use_each_mesh_axis_once():
+    sizes = {"data": 2, "fsdp": 4, "tensor": 2}
+    # The batch takes (data, fsdp), so the activation's embed dim stays whole
+    # while a parameter's embed dim is split over fsdp: same table, one rule.
+    assert logical_to_spec(("batch", "length", "embed"), (16, 32, 64), sizes) == P(("data", "fsdp"), None, None)
+    assert logical_to_spec(("batch", "length", "vocab"), (16, 32, 256), sizes) == P(("data", "fsdp"), None, "tensor")
+    assert logical_to_spec(("batch", "length", "heads", "head_dim"), (16, 32, 4, 8), sizes) == P(("data", "fsdp"), None, "tensor", None)
+    # A batch of 2 rows can't be split 8 ways: replicated, and fsdp is then free for embed.
+    assert logical_to_spec(("batch", "length", "embed"), (2, 32, 64), sizes) == P(None, None, "fsdp")
+    # Size-1 mesh axes are left out of specs.
+    assert logical_to_spec(("batch", "embed"), (8, 64), {"data": 1, "fsdp": 8, "tensor": 1}) == P("fsdp", None)
+
+
+def test_constrain_is_a_no_op_outside_a_sharded_step_and_pins_inside():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    x = jnp.ones((8, 4, 16))
+    assert "sharding_constraint" not in str(jax.make_jaxpr(lambda a: constrain(a, ("batch", "length", "embed")))(x))
+
+    def pinned(a):
+        with activation_sharding(mesh):
+            return constrain(a * 2, ("batch", "length", "embed"))
+
+    jaxpr = str(jax.make_jaxpr(pinned)(x))
+    assert "sharding_constraint" in jaxpr
+    out = jax.jit(pinned)(x)
+    assert out.sharding.spec == P(("data", "fsdp"))
 
 
 def test_every_model_parameter_gets_a_sharding():
