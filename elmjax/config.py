@@ -83,10 +83,19 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    # Device mesh axis sizes; one -1 takes the remaining devices.
+    # Device mesh axis sizes; one of data/fsdp/tensor may be -1 (the rest).
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Data parallelism across TPU slices (or hosts) over the slower DCN
+    # network: the batch is split over (dcn_data, data, fsdp), and only the
+    # gradient reduction crosses DCN. Must equal the slice count when devices
+    # span several slices.
+    dcn_data: int = 1
+
+    def __post_init__(self):
+        if self.dcn_data < 1:
+            raise ValueError(f"mesh.dcn_data must be >= 1, got {self.dcn_data}")
 
 
 @dataclass(frozen=True)

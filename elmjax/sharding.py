@@ -1,9 +1,9 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
-The mesh has axes (data, fsdp, tensor). Parameters are sharded FSDP-style
+The mesh has axes (dcn_data, data, fsdp, tensor). Parameters are sharded FSDP-style
 over ``fsdp`` along their ``embed`` dimension and Megatron-style over
 ``tensor`` along kv groups / FFN width / vocab; batches are split over
-(data, fsdp). A dimension that a mesh axis does not divide (an odd head count,
+(dcn_data, data, fsdp). A dimension that a mesh axis does not divide (an odd head count,
 a 259-token vocab) is replicated along that axis instead: always correct,
 just less parallel, and reported once in the log.
 
@@ -29,18 +29,19 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from elmjax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn_data", "data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated),
 # for parameters and activations alike.
 LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("dcn_data", "data", "fsdp"),
     "length": None,
     "embed": "fsdp",
     "vocab": "tensor",
@@ -56,34 +57,74 @@ class MeshError(ValueError):
     pass
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+    """(dcn_data, data, fsdp, tensor) sizes for ``num_devices`` devices."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1:
         raise MeshError(f"mesh: at most one axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
     if any(s == 0 or s < -1 for s in sizes):
         raise MeshError(f"mesh: axis sizes must be positive or -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
+    known = math.prod(s for s in sizes if s != -1) * cfg.dcn_data
     if -1 in sizes:
         if num_devices % known:
             raise MeshError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known}")
         sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) > num_devices:
-        raise MeshError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but only {num_devices} devices are available")
-    return tuple(sizes)
+    total = math.prod(sizes) * cfg.dcn_data
+    if total > num_devices:
+        raise MeshError(f"mesh: dcn_data*data*fsdp*tensor = {total} but only {num_devices} devices are available")
+    return (cfg.dcn_data, *sizes)
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all).
+def _granules(devices) -> tuple[str, int]:
+    """How the devices split over the slow network: ('slice_index', n) for TPU
+    multi-slice, ('process_index', n) for several hosts, else ('', 1)."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if len(slices) > 1:
+        return "slice_index", len(slices)
+    processes = {d.process_index for d in devices}
+    return ("process_index", len(processes)) if len(processes) > 1 else ("", 1)
 
-    A mesh smaller than the device count uses the first devices, so one
-    process can run a 1-device and an 8-device configuration side by side."""
-    devices = list(jax.devices() if devices is None else devices)
+
+def device_grid(cfg: MeshConfig, devices, process_count: int = 1) -> np.ndarray:
+    """The devices arranged as a (dcn_data, data, fsdp, tensor) array.
+
+    One slice: ``jax.make_mesh``'s topology-aware order (its devices, never a
+    raw reshape). Several slices, or ``dcn_data`` > 1 across hosts:
+    ``mesh_utils.create_hybrid_device_mesh`` with ``dcn_data`` over slices
+    (or processes). A mesh smaller than the device count is fine on one host
+    (tests run 1- and 8-device meshes side by side: the first devices are
+    used) and an error on several, where every process must join the mesh."""
+    devices = list(devices)
     shape = mesh_shape(cfg, len(devices))
     n = math.prod(shape)
     if n < len(devices):
+        if process_count > 1:
+            raise MeshError(f"mesh {dict(zip(MESH_AXES, shape))} covers {n} of {len(devices)} devices on "
+                            f"{process_count} processes: every device must be in the mesh on multi-host runs "
+                            "(use -1 for one axis to take the rest)")
         log.warning("mesh %s uses %d of %d devices", dict(zip(MESH_AXES, shape)), n, len(devices))
-    grid = np.asarray(devices[:n], dtype=object).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+        devices = devices[:n]
+    attr, granules = _granules(devices)
+    if attr == "slice_index" and cfg.dcn_data != granules:
+        raise MeshError(f"mesh: the devices span {granules} slices; set mesh.dcn_data={granules} "
+                        f"(data parallel across slices), got {cfg.dcn_data}")
+    if cfg.dcn_data > 1 and attr:
+        if cfg.dcn_data != granules:
+            raise MeshError(f"mesh.dcn_data={cfg.dcn_data} but the devices span {granules} processes; "
+                            "dcn_data must equal the number of slices or hosts")
+        return mesh_utils.create_hybrid_device_mesh((1, *shape[1:]), (cfg.dcn_data, 1, 1, 1), devices,
+                                                    process_is_granule=attr == "process_index")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices).devices
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """A (dcn_data, data, fsdp, tensor) mesh over ``devices`` (default: all);
+    see ``device_grid`` for how devices are placed."""
+    devices = jax.devices() if devices is None else devices
+    grid = device_grid(cfg, devices, jax.process_count())
+    # Auto axes: GSPMD propagates shardings from the parameters, the batch and
+    # the activation pins in ``constrain``.
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: Mapping[str, int] | Mesh) -> P:
@@ -152,4 +193,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_divisor(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """Rows of a global batch must be a multiple of this (the batch's mesh axes)."""
+    return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])

@@ -7,13 +7,15 @@ from jax.sharding import PartitionSpec as P
 from elmjax.config import MeshConfig
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
-from elmjax.sharding import (MeshError, activation_sharding, constrain, logical_to_spec, make_mesh, mesh_shape,
+from elmjax.sharding import (MeshError, activation_sharding, batch_divisor, batch_sharding, constrain, device_grid,
+                             logical_to_spec, make_mesh, mesh_shape,
                              param_shardings)
 
 
 def test_mesh_shape_fills_minus_one():
-    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
-    assert mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=1), 8) == (1, 8, 1)
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (1, 2, 2, 2)
+    assert mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=1), 8) == (1, 1, 8, 1)
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, dcn_data=2), 8) == (2, 2, 2, 1)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +24,7 @@ def test_mesh_shape_fills_minus_one():
         (MeshConfig(data=-1, fsdp=-1), "at most one axis"),
         (MeshConfig(data=-1, fsdp=3), "not divisible"),
         (MeshConfig(data=4, fsdp=4), "only 8 devices"),
+        (MeshConfig(data=2, fsdp=2, dcn_data=4), "only 8 devices"),
         (MeshConfig(data=0), "positive or -1"),
     ],
 )
@@ -78,3 +81,36 @@ def test_every_model_parameter_gets_a_sharding():
     assert len(leaves) == len(jax.tree.leaves(state))
     assert sh["embed_VD"].spec == P("tensor", "fsdp")
     assert sh["layers"][0]["ffn"]["in_DPF"].spec == P("fsdp", None, "tensor")
+
+
+class _SliceDevice:
+    """A real CPU device that claims to sit on TPU slice ``slice_index``."""
+
+    def __init__(self, device, slice_index):
+        self._device, self.slice_index = device, slice_index
+
+    def __getattr__(self, name):
+        return getattr(self._device, name)
+
+
+def test_dcn_data_is_the_outer_batch_axis_on_one_host():
+    mesh = make_mesh(MeshConfig(dcn_data=2, data=-1, fsdp=2))
+    assert dict(mesh.shape) == {"dcn_data": 2, "data": 2, "fsdp": 2, "tensor": 1}
+    assert batch_divisor(mesh) == 8
+    assert batch_sharding(mesh).spec == P(("dcn_data", "data", "fsdp"), None)
+
+
+def test_multi_slice_devices_are_grouped_by_slice_along_dcn_data():
+    devices = [_SliceDevice(d, i // 4) for i, d in enumerate(jax.devices())]
+    grid = device_grid(MeshConfig(dcn_data=2, data=1, fsdp=-1), devices)
+    assert grid.shape == (2, 1, 4, 1)
+    assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
+    with pytest.raises(MeshError, match=r"span 2 slices; set mesh.dcn_data=2"):
+        device_grid(MeshConfig(data=-1), devices)
+
+
+def test_a_partial_mesh_is_an_error_on_several_hosts_but_not_on_one():
+    small = MeshConfig(data=2)
+    assert device_grid(small, jax.devices(), process_count=1).size == 2
+    with pytest.raises(MeshError, match=r"covers 2 of 8 devices on 2 processes"):
+        device_grid(small, jax.devices(), process_count=2)
