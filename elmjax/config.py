@@ -144,6 +144,10 @@ def identity(cfg: Config) -> dict:
     from elmjax.config_io import to_dict
 
     d = to_dict(cfg)
+    # head_multiple=1 is the layout every run had before the field existed:
+    # leaving it out keeps those runs' names and resume checks.
+    if d["model"].get("head_multiple") == 1:
+        del d["model"]["head_multiple"]
     for key in NOT_IDENTITY:
         section, _, field = key.partition(".")
         if field:

@@ -40,13 +40,19 @@ class ModelConfig:
     max_context_length: int = 2048
     vocab_size: int = 259
     norm_eps: float = 1e-6
+    # Round every layer's kv head count to a multiple of this (its query
+    # heads follow, G per kv head). Set it to the tensor-parallel size when
+    # planning a sweep for TP, so every layer splits into whole kv groups;
+    # 1 is OpenELM's own layout, exactly.
+    head_multiple: int = 1
     # Execution policy, not architecture: compute dtype of activations and
     # matmuls (parameters stay float32) and per-layer rematerialisation.
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
 
     def __post_init__(self):
-        for name in ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size", "max_context_length"):
+        for name in ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size",
+                     "max_context_length", "head_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim % 2:

@@ -5,7 +5,8 @@ over ``fsdp`` along their ``embed`` dimension and Megatron-style over
 ``tensor`` along kv groups / FFN width / vocab; batches are split over
 (dcn_data, data, fsdp). A dimension that a mesh axis does not divide (an odd head count,
 a 259-token vocab) is replicated along that axis instead: always correct,
-just less parallel, and reported once in the log.
+just less parallel. ``divisibility_report`` lists every such parameter with
+the bytes it costs; training prints it before the first step.
 
 Activations use the same names and the same table. The model marks them with
 ``constrain(x, ("batch", "length", "embed"))``, a no-op unless a step is
@@ -25,6 +26,7 @@ import contextvars
 import logging
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -33,6 +35,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from elmjax.config import MeshConfig
+from elmjax.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +198,55 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """Rows of a global batch must be a multiple of this (the batch's mesh axes)."""
     return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+class Replicated(NamedTuple):
+    """A parameter dimension its rule wanted split but the mesh axis does not divide."""
+
+    param: str  # e.g. "layers/0/attn/qkv_DKCE"
+    axis: str  # logical axis, e.g. "kv_heads"
+    size: int  # that dimension's length
+    mesh_axes: tuple[str, ...]  # what it would have been split over
+    extra_bytes: int  # float32 parameter bytes per device beyond the split layout
+
+
+def divisibility_report(model_cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> list[Replicated]:
+    """Parameters left (partly) replicated on a mesh of ``mesh_shape`` (axis -> size).
+
+    ``extra_bytes`` counts the parameter alone; AdamW's two moments follow
+    their parameter, so optimizer state adds twice as much again. An empty
+    list means every rule applies: a clean tensor-parallel layout. Round
+    layer-wise head counts with ``model.head_multiple`` = tensor to get one."""
+    from elmjax.model import OpenELM  # the model imports this module's ``constrain``
+
+    abstract = nnx.state(nnx.eval_shape(lambda: OpenELM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    out = []
+    for path, var in nnx.to_flat_state(abstract):
+        axes = var.get_metadata()["logical_axes"]
+        spec = logical_to_spec(axes, var.shape, mesh_shape)
+        for name, dim, got in zip(axes, var.shape, spec):
+            target = LOGICAL_RULES[name]
+            wanted = tuple(a for a in ((target,) if isinstance(target, str) else tuple(target or ()))
+                           if mesh_shape.get(a, 1) > 1)
+            if wanted and got is None:
+                nbytes = math.prod(var.shape) * var.dtype.itemsize
+                split = math.prod(mesh_shape[a] for s in spec if s for a in ((s,) if isinstance(s, str) else s))
+                ideal = split * math.prod(mesh_shape[a] for a in wanted)
+                out.append(Replicated("/".join(map(str, path)), name, dim, wanted, nbytes // split - nbytes // ideal))
+    return out
+
+
+def format_divisibility(report: list[Replicated], mesh_shape: Mapping[str, int]) -> str:
+    """A few readable lines for ``divisibility_report``'s result ('' when empty)."""
+    if not report:
+        return ""
+    mesh = " ".join(f"{a}={n}" for a, n in mesh_shape.items() if n > 1)
+    total = sum(r.extra_bytes for r in report)
+    lines = [f"{len(report)} parameter dimension(s) do not divide the mesh ({mesh}) and stay replicated: "
+             f"+{total / 2**20:.1f} MiB of parameters per device (+{3 * total / 2**20:.1f} MiB with AdamW moments)"]
+    for r in report:
+        lines.append(f"  {r.param}: {r.axis}={r.size} not divisible by {'*'.join(r.mesh_axes)}="
+                     f"{math.prod(mesh_shape[a] for a in r.mesh_axes)} (+{r.extra_bytes / 2**20:.2f} MiB)")
+    if any(r.axis == "kv_heads" for r in report):
+        lines.append(f"  hint: model.head_multiple={mesh_shape.get('tensor', 1)} rounds every layer's kv heads to split evenly")
+    return "\n".join(lines)

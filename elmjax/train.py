@@ -35,7 +35,8 @@ from elmjax.distributed import maybe_initialize
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.optim import lr_schedule, make_optimizer
-from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings, replicated
+from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh,
+                             param_shardings, replicated)
 from elmjax.train_step import TrainState, abstract_model, init_params, make_eval_step, make_train_step, state_shardings
 
 log = logging.getLogger("elmjax.train")
@@ -186,6 +187,9 @@ def state_layout(config: Config, mesh) -> StateLayout:
 def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
+    replicated_dims = divisibility_report(config.model, mesh.shape)
+    if replicated_dims:
+        log.warning("%s", format_divisibility(replicated_dims, mesh.shape))
     total = config.total_steps
     graphdef, _ = abstract_model(config.model)
     eval_graphdef, _ = abstract_model(config.model.replace(dtype="float32", remat=False))

@@ -6,9 +6,10 @@ from jax.sharding import PartitionSpec as P
 
 from elmjax.config import MeshConfig
 from elmjax.model import OpenELM
-from elmjax.model_config import ModelConfig
+from elmjax.layout import layer_layout
+from elmjax.model_config import ModelConfig, preset
 from elmjax.sharding import (MeshError, activation_sharding, batch_divisor, batch_sharding, constrain, device_grid,
-                             logical_to_spec, make_mesh, mesh_shape,
+                             divisibility_report, format_divisibility, logical_to_spec, make_mesh, mesh_shape,
                              param_shardings)
 
 
@@ -114,3 +115,22 @@ def test_a_partial_mesh_is_an_error_on_several_hosts_but_not_on_one():
     assert device_grid(small, jax.devices(), process_count=1).size == 2
     with pytest.raises(MeshError, match=r"covers 2 of 8 devices on 2 processes"):
         device_grid(small, jax.devices(), process_count=2)
+
+
+def test_divisibility_report_names_layers_and_bytes_and_head_multiple_clears_it():
+    cfg = preset("OpenELM-270M")
+    mesh = {"dcn_data": 1, "data": 1, "fsdp": 8, "tensor": 2}
+    report = divisibility_report(cfg, mesh)
+    odd = [i for i, lay in enumerate(layer_layout(cfg)) if lay.kv_heads % 2]
+    assert odd == [0, 1, 2, 3, 4, 12, 13, 14, 15]  # kv heads 3 and 5
+    assert sorted({r.param for r in report}) == sorted(f"layers/{i}/attn/{w}" for i in odd for w in ("qkv_DKCE", "out_KGED"))
+    qkv0 = next(r for r in report if r.param == "layers/0/attn/qkv_DKCE")
+    assert (qkv0.axis, qkv0.size, qkv0.mesh_axes) == ("kv_heads", 3, ("tensor",))
+    # [1280, 3, 4 + 2, 64] float32 split 8 ways instead of 16.
+    assert qkv0.extra_bytes == 1280 * 3 * 6 * 64 * 4 // 8 - 1280 * 3 * 6 * 64 * 4 // 16
+    text = format_divisibility(report, mesh)
+    assert "layers/12/attn/qkv_DKCE: kv_heads=5 not divisible by tensor=2" in text and "model.head_multiple=2" in text
+    rounded = cfg.replace(head_multiple=2)
+    assert divisibility_report(rounded, mesh) == []
+    assert all(lay.kv_heads % 2 == 0 for lay in layer_layout(rounded))
+    assert divisibility_report(cfg, {"data": 8, "fsdp": 1, "tensor": 1}) == []
