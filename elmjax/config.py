@@ -92,7 +92,7 @@ class ExecutionConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls; parameters stay float32
     remat: bool = False  # recompute each layer in the backward pass
     grad_accum: int = 1  # micro-batches per step (batch_size must divide)
-    attention: Literal["xla"] = "xla"  # attention implementation
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "xla"  # see elmjax.attention
 
     def __post_init__(self):
         if self.grad_accum < 1:

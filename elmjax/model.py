@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
 from elmjax.sharding import constrain
@@ -82,8 +83,9 @@ class Attention(nnx.Module):
     K axis across devices gives each device whole groups: queries, keys and
     values of a group never live on different devices."""
 
-    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs, impl: str = "xla"):
         D, E = cfg.model_dim, cfg.head_dim
+        self.impl = impl  # elmjax.attention implementation
         self.num_q, self.num_kv = layout.q_heads, layout.kv_heads
         self.groups = self.num_q // self.num_kv
         self.head_dim, self.theta = E, cfg.rope_theta
@@ -118,10 +120,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
         q, k, v = self.project(x_BLD, positions_BL)
-        # jax.nn.dot_product_attention groups query head h with kv head
-        # h // G, which is OpenELM's repeat_interleave order; it dispatches to
-        # fused kernels (cuDNN) on GPU.
-        attn_BLHE = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        # Every implementation groups query head h with kv head h // G,
+        # which is OpenELM's repeat_interleave order.
+        attn_BLHE = attend(q, k, v, causal=True, scale=self.head_dim**-0.5, impl=self.impl)
         return self.output(attn_BLHE)
 
     def attend_cached(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
@@ -131,9 +132,8 @@ class Attention(nnx.Module):
         rows_B1 = jnp.arange(x_BLD.shape[0])[:, None]
         k_cache = cache.k_BSKE.at[rows_B1, positions_BL].set(k.astype(cache.k_BSKE.dtype))
         v_cache = cache.v_BSKE.at[rows_B1, positions_BL].set(v.astype(cache.v_BSKE.dtype))
-        attn_BLHE = jax.nn.dot_product_attention(
-            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask_BLS[:, None], scale=self.head_dim**-0.5
-        )
+        attn_BLHE = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), causal=False, mask=mask_BLS[:, None],
+                           scale=self.head_dim**-0.5, impl=self.impl)
         return self.output(attn_BLHE), KVCache(k_cache, v_cache)
 
 
@@ -159,9 +159,9 @@ class FeedForward(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs, attention: str = "xla"):
         self.attn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
-        self.attn = Attention(cfg, layout, rngs)
+        self.attn = Attention(cfg, layout, rngs, attention)
         self.ffn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
         self.ffn = FeedForward(cfg, layout, rngs)
 
@@ -198,7 +198,9 @@ class OpenELM(nnx.Module):
         self.attention = attention
         D, V = cfg.model_dim, cfg.vocab_size
         self.embed_VD = _param(rngs, (V, D), D**-0.5, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, lay, rngs) for lay in layer_layout(cfg)])
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention: {attention!r} is not one of {list(ATTENTION_IMPLS)}")
+        self.layers = nnx.List([DecoderLayer(cfg, lay, rngs, attention) for lay in layer_layout(cfg)])
         self.norm = RMSNorm(D, cfg.norm_eps, "embed")
         self.head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), D**-0.5, ("embed", "vocab"))
 

@@ -163,6 +163,11 @@ def activation_sharding(mesh: Mesh | None):
         _ACTIVATION_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_sharding`` (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Pin activation ``x`` (logical ``axes``) to the active mesh; identity outside
     ``activation_sharding`` (one device: generation, scoring, HF interop)."""
