@@ -13,9 +13,9 @@
   backends it runs in Pallas interpret mode, which is only for tests.
 * ``auto``: cuDNN on GPU in bfloat16/float16, splash on TPU, else XLA.
 
-A call a kernel cannot serve (a decoding mask, a sequence that is not a
-multiple of the kernel's block) falls back to XLA; each fallback is logged
-once. Query head h is served by kv head h // G (OpenELM's order) everywhere.
+A call a kernel cannot serve (decoding with a mask over the KV cache, a
+sequence that is not a multiple of splash's block) falls back to XLA; each
+kind of fallback is logged once. Query head h is served by kv head h // G (OpenELM's order) everywhere.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ def attend(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, causal: b
     (broadcastable to [B, H, L, S], True = attend) and ``causal`` combine."""
     impl = resolve(impl, q_BLHE.dtype)
     L, S = q_BLHE.shape[1], k_BSKE.shape[1]
-    if impl == "splash" and (mask is not None or not causal or L != S or L % _SPLASH_BLOCK):
-        _notice(f"attention=splash serves causal self-attention over multiples of {_SPLASH_BLOCK} tokens; "
-                "using XLA for other calls (decoding, masks, short sequences)")
+    if impl != "xla" and (mask is not None or not causal or L != S):
+        _notice(f"attention={impl} serves causal self-attention; using XLA for masked calls (decoding)")
+        impl = "xla"
+    if impl == "splash" and L % _SPLASH_BLOCK:
+        _notice(f"attention=splash needs a multiple of {_SPLASH_BLOCK} tokens; using XLA for length {L}")
         impl = "xla"
     if impl == "splash":
         return _splash_sharded(q_BLHE, k_BSKE, v_BSKE, scale)

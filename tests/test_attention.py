@@ -96,3 +96,12 @@ def test_splash_runs_per_shard_on_a_mesh():
     in_sh = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor", None))
     hlo = jax.jit(f, static_argnums=3, in_shardings=(in_sh,) * 3).lower(q, k, v, "splash").compile().as_text()
     assert all(row["count"] == 0 for row in collectives(hlo).values()), collectives(hlo)
+
+
+def test_decoding_with_a_kernel_requested_falls_back_to_xla():
+    from elmjax.generate import generate
+
+    cfg = ModelConfig(num_layers=2, model_dim=64, head_dim=16, num_gqa_groups=2, ffn_dim_divisor=16, vocab_size=97)
+    prompt = [5, 9, 11]
+    want = generate(OpenELM(cfg, rngs=nnx.Rngs(0)), prompt, 4)
+    assert generate(OpenELM(cfg, rngs=nnx.Rngs(0), attention="splash"), prompt, 4) == want

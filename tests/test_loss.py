@@ -18,8 +18,8 @@ def test_chunk_length_divides_the_sequence():
     assert chunk_length(13, 4) == 1
 
 
-@pytest.mark.parametrize("chunk", [4, 5])  # 5 does not divide 24 positions: chunks of 4
-def test_chunked_loss_and_gradients_equal_the_whole_loss(chunk):
+def test_chunked_loss_and_gradients_equal_the_whole_loss():
+    chunk = 5  # does not divide the 24 positions: chunks of 4
     graphdef, params = nnx.split(OpenELM(CFG, rngs=nnx.Rngs(0)), nnx.Param)
     tokens = jax.random.randint(jax.random.key(1), (3, 25), 0, CFG.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
