@@ -65,7 +65,7 @@ def _compile(cfg: ModelConfig, execution: ExecutionConfig, batch: int, seq_len: 
     state = jax.jit(layout.create, out_shardings=layout.shardings)()
     graphdef, _ = abstract_model(cfg, **execution.model_kwargs)
     step = make_train_step(graphdef, layout.optimizer, lr_schedule(config.optimizer, config.total_steps),
-                           z_loss=0.0, grad_accum=1)
+                           z_loss=0.0, grad_accum=1, mesh=mesh)
     bsh = batch_sharding(mesh)
     tokens = jax.device_put(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32), bsh)
     t0 = time.perf_counter()

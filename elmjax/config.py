@@ -116,11 +116,16 @@ class ExecutionConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls; parameters stay float32
     remat: bool = False  # recompute each layer in the backward pass
     grad_accum: int = 1  # micro-batches per step (batch_size must divide)
-    attention: Literal["xla"] = "xla"  # attention implementation
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "xla"  # see elmjax.attention
+    # Positions per chunk of the cross-entropy (elmjax.loss): the float32
+    # [B, L, V] logits are never materialised at once; 0 computes them whole.
+    loss_chunk: int = 0
 
     def __post_init__(self):
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
 
     @property
     def model_kwargs(self) -> dict:
@@ -130,10 +135,19 @@ class ExecutionConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    # Device mesh axis sizes; one -1 takes the remaining devices.
+    # Device mesh axis sizes; one of data/fsdp/tensor may be -1 (the rest).
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Data parallelism across TPU slices (or hosts) over the slower DCN
+    # network: the batch is split over (dcn_data, data, fsdp), and only the
+    # gradient reduction crosses DCN. Must equal the slice count when devices
+    # span several slices.
+    dcn_data: int = 1
+
+    def __post_init__(self):
+        if self.dcn_data < 1:
+            raise ValueError(f"mesh.dcn_data must be >= 1, got {self.dcn_data}")
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,10 @@ def identity(cfg: Config) -> dict:
     from elmjax.config_io import to_dict
 
     d = to_dict(cfg)
+    # head_multiple=1 is the layout every run had before the field existed:
+    # leaving it out keeps those runs' names and resume checks.
+    if d["model"].get("head_multiple") == 1:
+        del d["model"]["head_multiple"]
     for key in NOT_IDENTITY:
         section, _, field = key.partition(".")
         if field:

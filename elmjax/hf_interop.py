@@ -183,14 +183,34 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def qkv_to_hub_order(qkv_DKCE: np.ndarray) -> np.ndarray:
+    """Group-major [D, K, G+2, E] -> the Hub's [D, H+2K, E] (all queries, keys, values).
+
+    Query head h = k*G + g in both layouts, so this is a pure regrouping."""
+    d, k, c, e = qkv_DKCE.shape
+    g = c - 2
+    q = qkv_DKCE[:, :, :g].reshape(d, k * g, e)
+    return np.concatenate([q, qkv_DKCE[:, :, g], qkv_DKCE[:, :, g + 1]], axis=1)
+
+
+def qkv_from_hub_order(qkv_DTE: np.ndarray, q_heads: int, kv_heads: int) -> np.ndarray:
+    """The Hub's [D, H+2K, E] -> group-major [D, K, G+2, E]; inverse of ``qkv_to_hub_order``."""
+    d, _, e = qkv_DTE.shape
+    g = q_heads // kv_heads
+    q = qkv_DTE[:, :q_heads].reshape(d, kv_heads, g, e)
+    k = qkv_DTE[:, q_heads : q_heads + kv_heads, None]
+    v = qkv_DTE[:, q_heads + kv_heads :, None]
+    return np.concatenate([q, k, v], axis=2)
+
+
 def _layer_to_hf(layer: dict, cfg: ModelConfig, prefix: str) -> dict[str, np.ndarray]:
     d = cfg.model_dim
-    qkv_DTE = layer["attn"]["qkv_DTE"]
-    out_HED = layer["attn"]["out_HED"]
+    qkv_DTE = qkv_to_hub_order(layer["attn"]["qkv_DKCE"])
+    out_KGED = layer["attn"]["out_KGED"]
     in_DPF = layer["ffn"]["in_DPF"]
     t = {
         prefix + "attn.qkv_proj.weight": qkv_DTE.reshape(d, -1).T,
-        prefix + "attn.out_proj.weight": out_HED.reshape(-1, d).T,
+        prefix + "attn.out_proj.weight": out_KGED.reshape(-1, d).T,
         prefix + "ffn.proj_1.weight": in_DPF.reshape(d, -1).T,
         prefix + "ffn.proj_2.weight": layer["ffn"]["out_FD"].T,
         prefix + "attn_norm.weight": layer["attn_norm"]["weight"],
@@ -224,8 +244,9 @@ def params_from_hf(cfg: ModelConfig, t: dict[str, np.ndarray]) -> dict:
     for i, lay in enumerate(layer_layout(cfg)):
         p = f"transformer.layers.{i}."
         attn = {
-            "qkv_DTE": t[p + "attn.qkv_proj.weight"].T.reshape(d, lay.q_heads + 2 * lay.kv_heads, e),
-            "out_HED": t[p + "attn.out_proj.weight"].T.reshape(lay.q_heads, e, d),
+            "qkv_DKCE": qkv_from_hub_order(t[p + "attn.qkv_proj.weight"].T.reshape(d, lay.q_heads + 2 * lay.kv_heads, e),
+                                           lay.q_heads, lay.kv_heads),
+            "out_KGED": t[p + "attn.out_proj.weight"].T.reshape(lay.kv_heads, lay.q_heads // lay.kv_heads, e, d),
         }
         if cfg.normalize_qk:
             attn["q_norm"] = {"weight": t[p + "attn.q_norm.weight"]}

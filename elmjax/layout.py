@@ -76,7 +76,7 @@ def layer_layout(cfg: ModelConfig) -> tuple[LayerLayout, ...]:
     betas = layer_multipliers(cfg.ffn_multipliers, cfg.ffn_schedule, cfg.num_layers)
     out = []
     for alpha, beta in zip(alphas, betas):
-        q_dim = make_divisible(cfg.model_dim * alpha, divisor=cfg.head_dim * cfg.num_gqa_groups)
+        q_dim = make_divisible(cfg.model_dim * alpha, divisor=cfg.head_dim * cfg.num_gqa_groups * cfg.head_multiple)
         q_heads = q_dim // cfg.head_dim
         ffn_dim = make_divisible(beta * cfg.model_dim, divisor=cfg.ffn_dim_divisor)
         out.append(LayerLayout(q_heads, q_heads // cfg.num_gqa_groups, ffn_dim))

@@ -1,16 +1,19 @@
 """OpenELM decoder in Flax NNX: architecture only.
 
 No mesh names, I/O, optimizer or logging here. Every parameter carries
-``logical_axes`` metadata; ``elmjax.sharding`` maps those names to mesh axes.
+``logical_axes`` metadata, and activations at layer boundaries are marked
+with logical axes through ``constrain``; ``elmjax.sharding`` maps those names
+to mesh axes (and makes ``constrain`` a no-op outside a sharded step).
 
 Dimension glossary (suffixes on array names):
   B batch            L query length       S key/value length
   D model_dim        H query heads        K key/value heads
   G = H // K         E head_dim           F FFN width
-  V vocab            T = H + 2K fused qkv heads
+  V vocab            C = G + 2 slots per kv group (G queries, key, value)
 
 Computation matches Apple's released ``modeling_openelm.py``: pre-RMSNorm
-blocks, one fused QKV projection ordered [queries, keys, values], RMSNorm over
+blocks, one fused QKV projection (stored group-major, see ``Attention``;
+``hf_interop`` converts from the Hub's [queries, keys, values]), RMSNorm over
 head_dim on q and k (before RoPE), rotate-half RoPE, GQA where kv head j
 serves query heads j*G .. j*G+G-1, SwiGLU whose fused projection holds the
 gate first, final RMSNorm and an output head tied to the embedding.
@@ -24,8 +27,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
+from elmjax.sharding import constrain
+
+# Logical axes of the activations pinned between layers and on the logits.
+HIDDEN = ("batch", "length", "embed")
+LOGITS = ("batch", "length", "vocab")
 
 
 class KVCache(NamedTuple):
@@ -66,14 +75,24 @@ def rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+    """Grouped-query attention with a group-major fused QKV projection.
+
+    ``qkv_DKCE`` holds, for each kv head k, its G query heads (C = 0..G-1),
+    then its key (C = G) and its value (C = G+1). Query head h = k*G + g is
+    served by kv head k (OpenELM's repeat_interleave order), so splitting the
+    K axis across devices gives each device whole groups: queries, keys and
+    values of a group never live on different devices."""
+
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs, impl: str = "xla"):
         D, E = cfg.model_dim, cfg.head_dim
+        self.impl = impl  # elmjax.attention implementation
         self.num_q, self.num_kv = layout.q_heads, layout.kv_heads
+        self.groups = self.num_q // self.num_kv
         self.head_dim, self.theta = E, cfg.rope_theta
-        T = self.num_q + 2 * self.num_kv
-        self.qkv_DTE = _param(rngs, (D, T, E), D**-0.5, ("embed", "qkv_heads", "head_dim"))
+        K, G = self.num_kv, self.groups
+        self.qkv_DKCE = _param(rngs, (D, K, G + 2, E), D**-0.5, ("embed", "kv_heads", None, "head_dim"))
         out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
-        self.out_HED = _param(rngs, (self.num_q, E, D), out_std, ("q_heads", "head_dim", "embed"))
+        self.out_KGED = _param(rngs, (K, G, E, D), out_std, ("kv_heads", None, "head_dim", "embed"))
         if cfg.normalize_qk:
             self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
             self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
@@ -82,10 +101,12 @@ class Attention(nnx.Module):
 
     def project(self, x_BLD: jax.Array, positions_BL: jax.Array):
         """Queries, keys and values after QK-norm and RoPE."""
-        qkv_BLTE = jnp.einsum("bld,dte->blte", x_BLD, self.qkv_DTE[...].astype(x_BLD.dtype))
-        q_BLHE = qkv_BLTE[:, :, : self.num_q]
-        k_BLKE = qkv_BLTE[:, :, self.num_q : self.num_q + self.num_kv]
-        v_BLKE = qkv_BLTE[:, :, self.num_q + self.num_kv :]
+        qkv_BLKCE = jnp.einsum("bld,dkce->blkce", x_BLD, self.qkv_DKCE[...].astype(x_BLD.dtype))
+        qkv_BLKCE = constrain(qkv_BLKCE, ("batch", "length", "kv_heads", None, "head_dim"))
+        B, L, K, _, E = qkv_BLKCE.shape
+        q_BLHE = qkv_BLKCE[:, :, :, : self.groups].reshape(B, L, K * self.groups, E)
+        k_BLKE = qkv_BLKCE[:, :, :, self.groups]
+        v_BLKE = qkv_BLKCE[:, :, :, self.groups + 1]
         if self.q_norm is not None:
             q_BLHE, k_BLKE = self.q_norm(q_BLHE), self.k_norm(k_BLKE)
         q_BLHE = rope(q_BLHE, positions_BL, self.theta)
@@ -93,14 +114,15 @@ class Attention(nnx.Module):
         return q_BLHE, k_BLKE, v_BLKE
 
     def output(self, attn_BLHE: jax.Array) -> jax.Array:
-        return jnp.einsum("blhe,hed->bld", attn_BLHE, self.out_HED[...].astype(attn_BLHE.dtype))
+        B, L, _, E = attn_BLHE.shape
+        attn_BLKGE = attn_BLHE.reshape(B, L, self.num_kv, self.groups, E)
+        return jnp.einsum("blkge,kged->bld", attn_BLKGE, self.out_KGED[...].astype(attn_BLHE.dtype))
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
         q, k, v = self.project(x_BLD, positions_BL)
-        # jax.nn.dot_product_attention groups query head h with kv head
-        # h // G, which is OpenELM's repeat_interleave order; it dispatches to
-        # fused kernels (cuDNN) on GPU.
-        attn_BLHE = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        # Every implementation groups query head h with kv head h // G,
+        # which is OpenELM's repeat_interleave order.
+        attn_BLHE = attend(q, k, v, causal=True, scale=self.head_dim**-0.5, impl=self.impl)
         return self.output(attn_BLHE)
 
     def attend_cached(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
@@ -110,9 +132,8 @@ class Attention(nnx.Module):
         rows_B1 = jnp.arange(x_BLD.shape[0])[:, None]
         k_cache = cache.k_BSKE.at[rows_B1, positions_BL].set(k.astype(cache.k_BSKE.dtype))
         v_cache = cache.v_BSKE.at[rows_B1, positions_BL].set(v.astype(cache.v_BSKE.dtype))
-        attn_BLHE = jax.nn.dot_product_attention(
-            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask_BLS[:, None], scale=self.head_dim**-0.5
-        )
+        attn_BLHE = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), causal=False, mask=mask_BLS[:, None],
+                           scale=self.head_dim**-0.5, impl=self.impl)
         return self.output(attn_BLHE), KVCache(k_cache, v_cache)
 
 
@@ -133,13 +154,14 @@ class FeedForward(nnx.Module):
             h_BLF = jax.nn.silu(h_BLPF[:, :, 0]) * h_BLPF[:, :, 1]
         else:
             h_BLF = jax.nn.silu(h_BLPF[:, :, 0])
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
         return jnp.einsum("blf,fd->bld", h_BLF, self.out_FD[...].astype(h_BLF.dtype))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layout: LayerLayout, rngs: nnx.Rngs, attention: str = "xla"):
         self.attn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
-        self.attn = Attention(cfg, layout, rngs)
+        self.attn = Attention(cfg, layout, rngs, attention)
         self.ffn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
         self.ffn = FeedForward(cfg, layout, rngs)
 
@@ -176,29 +198,37 @@ class OpenELM(nnx.Module):
         self.attention = attention
         D, V = cfg.model_dim, cfg.vocab_size
         self.embed_VD = _param(rngs, (V, D), D**-0.5, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, lay, rngs) for lay in layer_layout(cfg)])
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention: {attention!r} is not one of {list(ATTENTION_IMPLS)}")
+        self.layers = nnx.List([DecoderLayer(cfg, lay, rngs, attention) for lay in layer_layout(cfg)])
         self.norm = RMSNorm(D, cfg.norm_eps, "embed")
         self.head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), D**-0.5, ("embed", "vocab"))
 
     def embed(self, tokens_BL: jax.Array) -> jax.Array:
-        return self.embed_VD[...].astype(self.dtype)[tokens_BL]
+        return constrain(self.embed_VD[...].astype(self.dtype)[tokens_BL], HIDDEN)
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         x_BLD = self.norm(x_BLD)
         # Logits accumulate and stay in float32 for a stable softmax / loss.
         if self.head_DV is None:
-            return jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(self.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
+            out = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(out, LOGITS)
 
-    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
-        """Float32 logits [B, L, V] for token ids [B, L] (causal)."""
+    def hidden(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """The last layer's output [B, L, D], before the final norm and head."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = self.embed(tokens_BL)
         run = _run_layer_remat if self.remat else _run_layer
         for layer in self.layers:
-            x_BLD = run(layer, x_BLD, positions_BL)
-        return self.logits(x_BLD)
+            x_BLD = constrain(run(layer, x_BLD, positions_BL), HIDDEN)
+        return x_BLD
+
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, L, V] for token ids [B, L] (causal)."""
+        return self.logits(self.hidden(tokens_BL, positions_BL))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
         """Zeroed per-layer caches; each layer has its own kv head count."""

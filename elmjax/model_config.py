@@ -40,12 +40,18 @@ class ModelConfig:
     max_context_length: int = 2048
     vocab_size: int = 259
     norm_eps: float = 1e-6
+    # Round every layer's kv head count to a multiple of this (its query
+    # heads follow, G per kv head). Set it to the tensor-parallel size when
+    # planning a sweep for TP, so every layer splits into whole kv groups;
+    # 1 is OpenELM's own layout, exactly.
+    head_multiple: int = 1
     # Compute dtype and rematerialisation are not here: they say how a run
     # executes, not what the model is (``elmjax.config.ExecutionConfig``).
     MOVED_KEYS: ClassVar[dict[str, str]] = {"dtype": "execution.dtype", "remat": "execution.remat"}
 
     def __post_init__(self):
-        for name in ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size", "max_context_length"):
+        for name in ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size",
+                     "max_context_length", "head_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim % 2:

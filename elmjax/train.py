@@ -36,7 +36,8 @@ from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
-from elmjax.sharding import batch_divisor, batch_sharding, make_mesh, replicated
+from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh,
+                             replicated)
 from elmjax.state import TrainState, abstract_model, state_layout
 from elmjax.train_program import jit_train_step
 from elmjax.train_step import make_eval_step
@@ -186,6 +187,9 @@ def _check_shapes(config: Config, mesh) -> None:
 def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
+    replicated_dims = divisibility_report(config.model, mesh.shape)
+    if replicated_dims:
+        log.warning("%s", format_divisibility(replicated_dims, mesh.shape))
     eval_graphdef, _ = abstract_model(config.model, attention=config.execution.attention)  # float32, no remat
     layout = state_layout(config, mesh)
     shardings, param_sh = layout.shardings, layout.param_shardings
@@ -203,7 +207,7 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
         start_step=start,
         data_state=data_state,
         train_step=jit_train_step(config, mesh, layout),  # the same program preflight compiles
-        eval_step=jax.jit(make_eval_step(eval_graphdef), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
+        eval_step=jax.jit(make_eval_step(eval_graphdef, mesh), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
                           out_shardings=rep),
         batch_sharding=bsh,
         flops_per_token=train_flops_per_token(config.model, config.data.seq_len),

@@ -36,7 +36,8 @@ def jit_train_step(config: Config, mesh, layout):
     """The jitted train step for ``layout`` (a ``state_layout``): state in, state out (donated), metrics replicated."""
     graphdef, _ = abstract_model(config.model, **config.execution.model_kwargs)
     step_fn = make_train_step(graphdef, layout.optimizer, lr_schedule(config.optimizer, config.total_steps),
-                              z_loss=config.optimizer.z_loss, grad_accum=grad_accum(config))
+                              z_loss=config.optimizer.z_loss, grad_accum=grad_accum(config), mesh=mesh,
+                              loss_chunk=config.execution.loss_chunk)
     bsh = batch_sharding(mesh)
     return jax.jit(step_fn, in_shardings=(layout.shardings, bsh), out_shardings=(layout.shardings, replicated(mesh)),
                    donate_argnums=0)

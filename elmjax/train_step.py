@@ -12,26 +12,26 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from elmjax.loss import chunked_cross_entropy, cross_entropy
+from elmjax.sharding import activation_sharding
 from elmjax.state import TrainState
 
 
-def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array | None = None):
-    """Mean float32 next-token cross-entropy and the mean log-partition squared."""
-    logits_BLV = logits_BLV.astype(jnp.float32)
-    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    nll_BL = log_z_BL - target_logit_BL
-    if weights_BL is None:
-        return jnp.mean(nll_BL), jnp.mean(log_z_BL**2)
-    denom = jnp.maximum(jnp.sum(weights_BL), 1.0)
-    return jnp.sum(nll_BL * weights_BL) / denom, jnp.sum(log_z_BL**2 * weights_BL) / denom
-
-
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    *, z_loss: float, grad_accum: int) -> Callable:
+                    *, z_loss: float, grad_accum: int, mesh=None, loss_chunk: int = 0) -> Callable:
+    """The jittable step. With ``mesh``, activations are pinned to it (see
+    ``elmjax.sharding``), which is what keeps FSDP's memory and traffic low.
+    ``loss_chunk`` > 0 computes the loss that many positions at a time
+    (``elmjax.loss.chunked_cross_entropy``); 0 materialises all logits."""
+
     def loss_fn(params, tokens_BL1):
-        logits = nnx.merge(graphdef, params)(tokens_BL1[:, :-1])
-        ce, z2 = cross_entropy(logits, tokens_BL1[:, 1:])
+        model = nnx.merge(graphdef, params)
+        with activation_sharding(mesh):
+            if loss_chunk > 0:
+                ce, z2 = chunked_cross_entropy(model.logits, model.hidden(tokens_BL1[:, :-1]), tokens_BL1[:, 1:],
+                                               loss_chunk)
+            else:
+                ce, z2 = cross_entropy(model(tokens_BL1[:, :-1]), tokens_BL1[:, 1:])
         return ce + z_loss * z2, ce
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -60,11 +60,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, mesh=None) -> Callable:
     """Sums of float32 NLL, correct top-1 predictions and counted tokens."""
 
     def eval_step(params, batch_BL1: jax.Array, row_weights_B: jax.Array):
-        logits = nnx.merge(graphdef, params)(batch_BL1[:, :-1]).astype(jnp.float32)
+        with activation_sharding(mesh):
+            logits = nnx.merge(graphdef, params)(batch_BL1[:, :-1]).astype(jnp.float32)
         targets = batch_BL1[:, 1:]
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         w = jnp.broadcast_to(row_weights_B[:, None], nll.shape)

@@ -83,3 +83,12 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: no such file"):
         config_io.load_yaml("nope.yaml")
+
+
+def test_head_multiple_one_is_not_part_of_run_identity():
+    from elmjax.config import identity
+
+    # Runs made before the field existed keep their names and resume checks.
+    assert "head_multiple" not in identity(Config())["model"]
+    rounded = Config().replace(model=Config().model.replace(head_multiple=2))
+    assert identity(rounded)["model"]["head_multiple"] == 2

@@ -52,15 +52,17 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     g = h // k
     src = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
     dst = jax.tree.map(lambda x: x, src)
-    qkv = src["layers"][0]["attn"]["qkv_DTE"]
-    q, kk, v = qkv[:, :h], qkv[:, h : h + k], qkv[:, h + k :]
+    qkv = src["layers"][0]["attn"]["qkv_DKCE"]  # [D, K, G+2, E], group-major
+    d, e = qkv.shape[0], qkv.shape[-1]
+    q, kk, v = qkv[:, :, :g].reshape(d, h, e), qkv[:, :, g], qkv[:, :, g + 1]
+    dst["layers"][0]["attn"]["out_KGED"] = src["layers"][0]["attn"]["out_KGED"].reshape(h, 1, e, d)
     # kv head j serves query heads j*g .. j*g+g-1: repeat each kv head g times in place.
-    dst["layers"][0]["attn"]["qkv_DTE"] = jnp.concatenate([q, jnp.repeat(kk, g, axis=1), jnp.repeat(v, g, axis=1)], axis=1)
+    dst["layers"][0]["attn"]["qkv_DKCE"] = jnp.stack([q, jnp.repeat(kk, g, axis=1), jnp.repeat(v, g, axis=1)], axis=2)
     _load(mha, dst)
     tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
     np.testing.assert_allclose(apply(gqa, tokens), apply(mha, tokens), atol=1e-5, rtol=1e-5)
     # The other grouping (kv head j serving heads j, j+K, ...) must differ: the test can fail.
-    dst["layers"][0]["attn"]["qkv_DTE"] = jnp.concatenate([q, jnp.tile(kk, (1, g, 1)), jnp.tile(v, (1, g, 1))], axis=1)
+    dst["layers"][0]["attn"]["qkv_DKCE"] = jnp.stack([q, jnp.tile(kk, (1, g, 1)), jnp.tile(v, (1, g, 1))], axis=2)
     _load(mha, dst)
     assert not np.allclose(apply(gqa, tokens), apply(mha, tokens), atol=1e-3)
 
@@ -118,10 +120,10 @@ def test_initialization_scales():
     p = nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     d, n = cfg.model_dim, cfg.num_layers
     assert np.std(p["embed_VD"]) == pytest.approx(d**-0.5, rel=0.05)
-    assert np.std(p["layers"][0]["attn"]["qkv_DTE"]) == pytest.approx(d**-0.5, rel=0.05)
+    assert np.std(p["layers"][0]["attn"]["qkv_DKCE"]) == pytest.approx(d**-0.5, rel=0.05)
     assert np.std(p["layers"][1]["ffn"]["in_DPF"]) == pytest.approx(d**-0.5, rel=0.05)
     out_std = d**-0.5 * (2 * n) ** -0.5
-    assert np.std(p["layers"][2]["attn"]["out_HED"]) == pytest.approx(out_std, rel=0.05)
+    assert np.std(p["layers"][2]["attn"]["out_KGED"]) == pytest.approx(out_std, rel=0.05)
     assert np.std(p["layers"][3]["ffn"]["out_FD"]) == pytest.approx(out_std, rel=0.05)
     np.testing.assert_array_equal(p["layers"][0]["attn"]["q_norm"]["weight"], 1.0)
 
