@@ -79,7 +79,7 @@ def test_unservable_calls_fall_back_to_xla(caplog):
 
 def test_splash_runs_per_shard_on_a_mesh():
     from elmjax.config import MeshConfig
-    from elmjax.hlo import collectives
+    from elmjax.hlo_stats import parse_collectives, summarize
     from elmjax.sharding import activation_sharding, make_mesh
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
@@ -95,7 +95,8 @@ def test_splash_runs_per_shard_on_a_mesh():
     # communication at all (a Pallas call left to GSPMD would be gathered).
     in_sh = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor", None))
     hlo = jax.jit(f, static_argnums=3, in_shardings=(in_sh,) * 3).lower(q, k, v, "splash").compile().as_text()
-    assert all(row["count"] == 0 for row in collectives(hlo).values()), collectives(hlo)
+    table = summarize(parse_collectives(hlo))
+    assert all(row["count"] == 0 for row in table.values()), table
 
 
 def test_decoding_with_a_kernel_requested_falls_back_to_xla():
