@@ -116,6 +116,7 @@ class Attention(nnx.Module):
     def output(self, attn_BLHE: jax.Array) -> jax.Array:
         B, L, _, E = attn_BLHE.shape
         attn_BLKGE = attn_BLHE.reshape(B, L, self.num_kv, self.groups, E)
+        attn_BLKGE = constrain(attn_BLKGE, ("batch", "length", "kv_heads", None, "head_dim"))
         return jnp.einsum("blkge,kged->bld", attn_BLKGE, self.out_KGED[...].astype(attn_BLHE.dtype))
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
