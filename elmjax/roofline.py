@@ -4,7 +4,13 @@ The estimate is ``max(compute, memory, communication)`` per device:
 
 * compute = XLA's FLOPs for one device (``cost_analysis()['flops']``, which
   includes remat recomputation) / peak dense FLOP/s for the compute dtype;
-* memory = XLA's ``bytes accessed`` for one device / HBM bandwidth;
+* memory = bytes one device moves to and from HBM / HBM bandwidth: XLA's
+  ``bytes accessed`` when the program was compiled for the accelerator
+  itself; under ``--devices N`` (compiled by the CPU compiler, whose fusion
+  is not the GPU/TPU compiler's and whose ``bytes accessed`` is several times
+  an accelerator's) the lower bound of reading the step's arguments and
+  writing its outputs once (the train state in and out), so the estimate
+  stays a ceiling. The report says which (``memory_basis``);
 * communication = ring-algorithm bytes each device sends for every collective
   in the optimized HLO (``elmjax.hlo_stats.wire_bytes``) / interconnect
   bandwidth.
@@ -17,9 +23,9 @@ Assumptions (so read the result as a ceiling, not a forecast):
   one TPU slice. GPU meshes spanning several nodes (InfiniBand, tens of GB/s
   per GPU) and multi-slice DCN traffic are slower than this;
 * collectives inside a loop body (a ``grad_accum`` scan) are counted once;
-* under ``--devices N`` the program is compiled by the CPU compiler, whose
-  fusion differs from GPU/TPU compilers: ``bytes accessed`` is usually
-  pessimistic (CPU fuses less), FLOPs are not affected.
+* under ``--devices N`` FLOPs and collectives come from the CPU compiler's
+  program; GSPMD partitions it as it would for the accelerator, so they carry
+  over (latency-hiding and async scheduling differ, which the max ignores).
 
 The MFU ceiling is the analytic model FLOPs of a step
 (``elmjax.layout.train_flops_per_token``, no remat recomputation) over
