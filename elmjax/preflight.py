@@ -1,7 +1,7 @@
 """Memory and cost of a training config before anything trains.
 
     python -m elmjax.preflight CONFIG.yaml [key=value ...] [--devices N]
-        [--accelerator h100|a100|v5e|v5p|v4|cpu] [--hbm-gib G] [--json]
+        [--accelerator h100|h200|a100|v5e|v5p|v4|cpu] [--hbm-gib G] [--json]
 
 AOT-compiles the real train step (``elmjax.train_program``: the same jit,
 shardings and donation as training) on the configured mesh from abstract
@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-ACCELERATOR_NAMES = ("h100", "a100", "v5e", "v5p", "v4", "cpu")
+ACCELERATOR_NAMES = ("h100", "h200", "a100", "v5e", "v5p", "v4", "cpu")
 
 
 class PreflightError(ValueError):
@@ -183,7 +183,7 @@ def format_report(r: dict, source: str = "") -> str:
     lines.append(f"compile: {r['compile_s']:.1f} s")
     e = r["estimate"]
     if e is None:
-        lines.append(f"estimate: none for '{r['accelerator']}' (no published peak); pass --accelerator h100|a100|v5e|v5p|v4")
+        lines.append(f"estimate: none for '{r['accelerator']}' (no published peak); pass --accelerator h100|h200|a100|v5e|v5p|v4")
     else:
         mfu = f"{100 * e['mfu_ceiling']:.1f}%" if e["mfu_ceiling"] is not None else "n/a"
         lines.append(f"estimate ({r['accelerator']} roofline): step {1e3 * e['step_s']:.2f} ms = max(compute "

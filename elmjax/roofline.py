@@ -36,6 +36,8 @@ Sources (dense, no sparsity; per chip):
 
 * H100 SXM5: 989 TFLOP/s bf16, 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s,
   NVLink 4 900 GB/s bidirectional (450 GB/s each way). NVIDIA H100 datasheet.
+* H200 SXM: the H100's compute and NVLink, 141 GB HBM3e at 4.8 TB/s. NVIDIA
+  H200 datasheet.
 * A100 SXM4 80GB: 312 TFLOP/s bf16, 19.5 TFLOP/s fp32, 2.04 TB/s HBM2e,
   NVLink 3 600 GB/s bidirectional (300 GB/s each way). NVIDIA A100 datasheet.
 * TPU v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 400 GB/s
@@ -79,6 +81,7 @@ def _host_memory() -> float:
 
 ACCELERATORS = {
     "h100": Accelerator("h100", "H100", 80 * GIB, 3.35e12, 450e9),
+    "h200": Accelerator("h200", "H200", 141e9, 4.8e12, 450e9),
     "a100": Accelerator("a100", "A100", 80 * GIB, 2.039e12, 300e9),
     "v5e": Accelerator("v5e", "TPU v5e", 16 * GIB, 819e9, 200e9),
     "v5p": Accelerator("v5p", "TPU v5p", 95 * GIB, 2765e9, 600e9),
@@ -86,7 +89,7 @@ ACCELERATORS = {
 }
 
 # device_kind substring -> accelerator name, for the default --accelerator
-_KINDS = {"H100": "h100", "H200": "h100", "A100": "a100", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+_KINDS = {"H100": "h100", "H200": "h200", "A100": "a100", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
           "TPU v5p": "v5p", "TPU v5": "v5p", "TPU v4": "v4"}
 
 

@@ -212,3 +212,14 @@ def test_device_check_rejects_a_single_step(capsys):
 
     assert device_check.main(["--steps", "1"]) == 2
     assert "--steps must be >= 2" in capsys.readouterr().err
+
+
+def test_accelerator_names_and_detection():
+    from elmjax import roofline
+
+    assert set(pf.ACCELERATOR_NAMES) == set(roofline.ACCELERATORS) | {"cpu"}
+    assert roofline.detect("NVIDIA H200") == "h200" and roofline.detect("TPU v5 lite") == "v5e"
+    assert roofline.detect("cpu") == "cpu"
+    for name in roofline.ACCELERATORS:  # every listed accelerator has both peaks from elmjax.hardware
+        acc = roofline.accelerator(name)
+        assert acc.peak("bfloat16") > acc.peak("float32") > 0
