@@ -4,7 +4,13 @@ The estimate is ``max(compute, memory, communication)`` per device:
 
 * compute = XLA's FLOPs for one device (``cost_analysis()['flops']``, which
   includes remat recomputation) / peak dense FLOP/s for the compute dtype;
-* memory = XLA's ``bytes accessed`` for one device / HBM bandwidth;
+* memory = bytes one device moves to and from HBM / HBM bandwidth: XLA's
+  ``bytes accessed`` when the program was compiled for the accelerator
+  itself; under ``--devices N`` (compiled by the CPU compiler, whose fusion
+  is not the GPU/TPU compiler's and whose ``bytes accessed`` is several times
+  an accelerator's) the lower bound of reading the step's arguments and
+  writing its outputs once (the train state in and out), so the estimate
+  stays a ceiling. The report says which (``memory_basis``);
 * communication = ring-algorithm bytes each device sends for every collective
   in the optimized HLO (``elmjax.hlo_stats.wire_bytes``) / interconnect
   bandwidth.
@@ -17,9 +23,9 @@ Assumptions (so read the result as a ceiling, not a forecast):
   one TPU slice. GPU meshes spanning several nodes (InfiniBand, tens of GB/s
   per GPU) and multi-slice DCN traffic are slower than this;
 * collectives inside a loop body (a ``grad_accum`` scan) are counted once;
-* under ``--devices N`` the program is compiled by the CPU compiler, whose
-  fusion differs from GPU/TPU compilers: ``bytes accessed`` is usually
-  pessimistic (CPU fuses less), FLOPs are not affected.
+* under ``--devices N`` FLOPs and collectives come from the CPU compiler's
+  program; GSPMD partitions it as it would for the accelerator, so they carry
+  over (latency-hiding and async scheduling differ, which the max ignores).
 
 The MFU ceiling is the analytic model FLOPs of a step
 (``elmjax.layout.train_flops_per_token``, no remat recomputation) over
@@ -30,6 +36,8 @@ Sources (dense, no sparsity; per chip):
 
 * H100 SXM5: 989 TFLOP/s bf16, 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s,
   NVLink 4 900 GB/s bidirectional (450 GB/s each way). NVIDIA H100 datasheet.
+* H200 SXM: the H100's compute and NVLink, 141 GB HBM3e at 4.8 TB/s. NVIDIA
+  H200 datasheet.
 * A100 SXM4 80GB: 312 TFLOP/s bf16, 19.5 TFLOP/s fp32, 2.04 TB/s HBM2e,
   NVLink 3 600 GB/s bidirectional (300 GB/s each way). NVIDIA A100 datasheet.
 * TPU v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 400 GB/s
@@ -73,6 +81,7 @@ def _host_memory() -> float:
 
 ACCELERATORS = {
     "h100": Accelerator("h100", "H100", 80 * GIB, 3.35e12, 450e9),
+    "h200": Accelerator("h200", "H200", 141e9, 4.8e12, 450e9),
     "a100": Accelerator("a100", "A100", 80 * GIB, 2.039e12, 300e9),
     "v5e": Accelerator("v5e", "TPU v5e", 16 * GIB, 819e9, 200e9),
     "v5p": Accelerator("v5p", "TPU v5p", 95 * GIB, 2765e9, 600e9),
@@ -80,7 +89,7 @@ ACCELERATORS = {
 }
 
 # device_kind substring -> accelerator name, for the default --accelerator
-_KINDS = {"H100": "h100", "H200": "h100", "A100": "a100", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+_KINDS = {"H100": "h100", "H200": "h200", "A100": "a100", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
           "TPU v5p": "v5p", "TPU v5": "v5p", "TPU v4": "v4"}
 
 

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile every distinct model and mesh of the plan, print memory and cost, train nothing")
     p.add_argument("--devices", type=int, metavar="N", help="with --preflight: compile for N fake CPU devices")
     p.add_argument("--hbm-gib", type=float, metavar="G", help="with --preflight: memory per device")
-    p.add_argument("--accelerator", help="with --preflight: h100|a100|v5e|v5p|v4|cpu (estimate and default memory)")
+    p.add_argument("--accelerator", help="with --preflight: h100|h200|a100|v5e|v5p|v4|cpu (estimate and default memory)")
 
 
 def program_config(config: Config) -> Config:

@@ -126,6 +126,10 @@ def test_report_has_the_keys_and_consistent_numbers(compiled):
     assert 0.8 < f["xla"] / f["analytic"] < 1.5  # XLA counts norms/softmax too, the analytic count matmuls only
     e = r["estimate"]
     assert e["step_s"] == max(e["compute_s"], e["memory_s"], e["comm_s"]) > 0
+    # compiled by the CPU compiler for an H100 estimate: memory is the state-in-and-out lower bound
+    assert e["memory_basis"] == "state"
+    assert e["memory_s"] == pytest.approx((pd["argument_bytes"] + pd["output_bytes"]) / 3.35e12)
+    assert e["compute_s"] == pytest.approx(f["xla_per_device"] / 67e12)  # float32 config: the fp32 peak
     assert 0 < e["mfu_ceiling"] <= 1
     json.dumps(r)  # JSON-ready
     assert pf.report(cfg, c, "cpu", None)["estimate"] is None  # no published CPU peak: no guess
@@ -208,3 +212,14 @@ def test_device_check_rejects_a_single_step(capsys):
 
     assert device_check.main(["--steps", "1"]) == 2
     assert "--steps must be >= 2" in capsys.readouterr().err
+
+
+def test_accelerator_names_and_detection():
+    from elmjax import roofline
+
+    assert set(pf.ACCELERATOR_NAMES) == set(roofline.ACCELERATORS) | {"cpu"}
+    assert roofline.detect("NVIDIA H200") == "h200" and roofline.detect("TPU v5 lite") == "v5e"
+    assert roofline.detect("cpu") == "cpu"
+    for name in roofline.ACCELERATORS:  # every listed accelerator has both peaks from elmjax.hardware
+        acc = roofline.accelerator(name)
+        assert acc.peak("bfloat16") > acc.peak("float32") > 0
