@@ -18,8 +18,8 @@ from elmjax.hlo_stats import parse_collectives, summarize
 from elmjax.layout import layer_layout
 from elmjax.optim import lr_schedule
 from elmjax.sharding import batch_sharding, make_mesh, replicated
-from elmjax.train import state_layout
-from elmjax.train_step import abstract_model, make_train_step
+from elmjax.state import abstract_model, state_layout
+from elmjax.train_step import make_train_step
 
 # head_dim 8 and 2 query heads per kv head give kv heads 2 and 4: both
 # divide tensor=2. vocab * seq_len makes the logits the largest array in the
