@@ -110,6 +110,7 @@ def report(config, c: Compiled, accelerator: str, hbm_gib: float | None) -> dict
     """The preflight report of a compiled step, as a JSON-ready dict."""
     from elmjax import hlo_stats, roofline
     from elmjax.layout import train_flops_per_token
+    from elmjax.sharding import divisibility_report
 
     n = c.mesh.size
     mem = c.compiled.memory_analysis()
@@ -143,6 +144,8 @@ def report(config, c: Compiled, accelerator: str, hbm_gib: float | None) -> dict
             "total_bytes": int(total),
         },
         "collectives": hlo_stats.summarize(collectives),
+        # Parameter dimensions the mesh does not divide (replicated, not split): what and how many bytes.
+        "replicated": [r._asdict() for r in divisibility_report(config.model, dict(c.mesh.shape))],
         "flops_per_step": {"analytic": int(analytic), "xla": xla_device_flops * n, "xla_per_device": xla_device_flops},
         "compile_s": round(c.compile_s, 3),
         "xla_bytes_accessed_per_device": xla_bytes,
@@ -173,6 +176,10 @@ def format_report(r: dict, source: str = "") -> str:
              "collectives (static count; result bytes on one device):"]
     for kind, v in r["collectives"].items():
         lines.append(f"  {kind:<19} {v['count']:>5}  {_size(v['bytes']):>12}")
+    if r["replicated"]:
+        from elmjax.sharding import Replicated, format_divisibility
+
+        lines.append(format_divisibility([Replicated(**x) for x in r["replicated"]], r["mesh"]))
     f = r["flops_per_step"]
     lines.append(f"FLOPs per step: analytic {f['analytic']:.3e}, XLA {f['xla']:.3e} ({f['xla_per_device']:.3e} per device)")
     lines.append(f"compile: {r['compile_s']:.1f} s")

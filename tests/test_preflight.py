@@ -118,7 +118,7 @@ def test_report_has_the_keys_and_consistent_numbers(compiled):
     r = pf.report(cfg, c, "h100", None)
     assert KEYS <= set(r)
     assert set(r["per_device"]) >= {"params_bytes", "opt_state_bytes", "temp_bytes", "total_bytes"}
-    assert r["devices"] == 8 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert r["devices"] == 8 and r["mesh"] == {"dcn_data": 1, "data": 1, "fsdp": 8, "tensor": 1}
     pd = r["per_device"]
     assert pd["total_bytes"] >= pd["temp_bytes"] + pd["params_bytes"] + pd["opt_state_bytes"] - 1024
     assert r["collectives"]["all-gather"]["count"] > 0  # FSDP gathers its parameters
@@ -223,3 +223,38 @@ def test_accelerator_names_and_detection():
     for name in roofline.ACCELERATORS:  # every listed accelerator has both peaks from elmjax.hardware
         acc = roofline.accelerator(name)
         assert acc.peak("bfloat16") > acc.peak("float32") > 0
+
+
+def test_fsdp_step_uses_less_memory_than_data_parallel_and_no_logits_sized_all_reduce(compiled):
+    """Issue 9's check: with activations pinned, FSDP saves memory instead of
+    costing it, and the [B, L, V] logits are never all-reduced."""
+    data = pf.report(*compiled["data"], "cpu", None)
+    fsdp = pf.report(*compiled["fsdp"], "cpu", None)
+    assert fsdp["per_device"]["total_bytes"] < data["per_device"]["total_bytes"]
+    cfg = compiled["fsdp"][0]
+    logits_bytes = 4 * cfg.data.batch_size * cfg.data.seq_len * cfg.model.vocab_size
+    assert fsdp["collectives"]["all-reduce"]["max_bytes"] < logits_bytes
+
+
+def test_replicated_parameters_are_reported_with_their_bytes():
+    # tensor=2 over a layer-wise model whose kv heads are 1 and 2 per layer: the odd layer stays replicated.
+    cfg = _config("model.num_layers=2", "model.num_gqa_groups=4", "mesh.data=4", "mesh.tensor=2")
+    r = pf.report(cfg, pf.compile_step(cfg), "cpu", None)
+    rows = [x for x in r["replicated"] if x["axis"] == "kv_heads"]
+    assert rows and all(x["size"] % 2 and x["extra_bytes"] > 0 for x in rows)
+    assert "head_multiple=2" in pf.format_report(r)
+    even = _config("model.num_layers=2", "model.num_gqa_groups=4", "model.head_multiple=2", "mesh.data=4", "mesh.tensor=2")
+    assert not [x for x in pf.report(even, pf.compile_step(even), "cpu", None)["replicated"] if x["axis"] == "kv_heads"]
+
+
+def test_chunked_loss_shows_a_smaller_step_for_a_large_vocabulary():
+    """vocab 32000: the float32 logits of a device's 2 rows are 2 x 128 x 32000 x 4 = 33 MB.
+    Computing the loss 32 positions at a time must save a good part of that."""
+    big = ["model.vocab_size=32000", "data.seq_len=128", "data.batch_size=16", "mesh.data=8"]
+
+    def temp(*extra):
+        cfg = _config(*big, *extra)
+        return pf.report(cfg, pf.compile_step(cfg), "cpu", None)["per_device"]["temp_bytes"]
+
+    logits_per_device = 2 * 128 * 32000 * 4
+    assert temp() - temp("execution.loss_chunk=32") > 0.4 * logits_per_device
