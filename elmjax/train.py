@@ -39,7 +39,7 @@ from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh,
                              replicated)
 from elmjax.state import TrainState, abstract_model, state_layout
-from elmjax.train_program import jit_train_step
+from elmjax.train_program import check_batch, jit_train_step
 from elmjax.train_step import make_eval_step
 
 log = logging.getLogger("elmjax.train")
@@ -170,12 +170,7 @@ def _check_shapes(config: Config, mesh) -> None:
     # path, field or empty corpus fails in seconds, before any compilation.
     train_iterator(config.data, process_index=jax.process_index(), process_count=jax.process_count())
     validation_set(config.data)
-    div = batch_divisor(mesh) * config.execution.grad_accum
-    if config.data.batch_size % div:
-        raise config_io.ConfigError(
-            f"data.batch_size ({config.data.batch_size}) must be divisible by mesh data*fsdp "
-            f"({batch_divisor(mesh)}) x execution.grad_accum ({config.execution.grad_accum})"
-        )
+    check_batch(config, mesh)
     data_vocab = vocab_size(config.data)
     if data_vocab > config.model.vocab_size:
         raise config_io.ConfigError(

@@ -18,17 +18,14 @@ from elmjax.state import abstract_model
 from elmjax.train_step import make_train_step
 
 
-def grad_accum(config: Config) -> int:
-    return config.execution.grad_accum
-
-
 def check_batch(config: Config, mesh) -> None:
     """The global batch must split evenly over data*fsdp devices and micro-batches."""
-    div = batch_divisor(mesh) * grad_accum(config)
+    accum = config.execution.grad_accum
+    div = batch_divisor(mesh) * accum
     if config.data.batch_size % div:
         raise ConfigError(
             f"data.batch_size ({config.data.batch_size}) must be divisible by mesh data*fsdp "
-            f"({batch_divisor(mesh)}) x execution.grad_accum ({grad_accum(config)})"
+            f"({batch_divisor(mesh)}) x execution.grad_accum ({accum})"
         )
 
 
@@ -36,7 +33,7 @@ def jit_train_step(config: Config, mesh, layout):
     """The jitted train step for ``layout`` (a ``state_layout``): state in, state out (donated), metrics replicated."""
     graphdef, _ = abstract_model(config.model, **config.execution.model_kwargs)
     step_fn = make_train_step(graphdef, layout.optimizer, lr_schedule(config.optimizer, config.total_steps),
-                              z_loss=config.optimizer.z_loss, grad_accum=grad_accum(config), mesh=mesh,
+                              z_loss=config.optimizer.z_loss, grad_accum=config.execution.grad_accum, mesh=mesh,
                               loss_chunk=config.execution.loss_chunk)
     bsh = batch_sharding(mesh)
     return jax.jit(step_fn, in_shardings=(layout.shardings, bsh), out_shardings=(layout.shardings, replicated(mesh)),
