@@ -42,7 +42,7 @@ TRAIN_CASES = {
     "wrong JSONL field": (["data.source=jsonl", "data.paths=[{tmp}/docs.jsonl]"],
                           r"docs\.jsonl:1: no text field 'text' \(found \['body'\]\); set data.text_field"),
     "max_documents=0": (["data.max_documents=0"], r"c\.yaml: data: max_documents must be >= 1"),
-    "mesh larger than the devices": (["mesh.data=16"], r"mesh: data\*fsdp\*tensor = 16 but only 8 devices"),
+    "mesh larger than the devices": (["mesh.data=16"], r"mesh: dcn_data\*data\*fsdp\*tensor = 16 but only 8 devices"),
     "steps=.inf": (["train.steps=.inf"], r"c\.yaml: train\.steps: expected an integer or null, got inf"),
     "steps=.nan": (["train.steps=.nan"], r"c\.yaml: train\.steps: expected an integer or null, got nan"),
     "seq_len > max_context_length": (["data.seq_len=64", "model.max_context_length=32"],
