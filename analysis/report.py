@@ -34,6 +34,7 @@ from analysis.fits import FitWarning, InsufficientDataError, fit_chinchilla, fit
 from analysis.isoflop import fit_isoflop
 from analysis.load import SweepError, load_curves, load_sweep
 from analysis.markdown import number, table, with_interval
+from analysis.power import ALPHA, POWER, RELATIVE_TARGETS, detectable_text, power_table, seeds_column
 
 DEFAULT_N_BOOT = 1000
 
@@ -123,8 +124,10 @@ def _comparison(ctx: _Ctx, metric: str) -> str:
     d = paired_differences(ctx.df, metric, n_boot=max(ctx.n_boot, 200), seed=ctx.seed)
     if d.empty:
         return "No layer-wise arms with uniform twins in this sweep: nothing to compare."
+    d = power_table(d)
     t = d.assign(**{"arm - twin": [with_interval(a, b, c) for a, b, c in zip(d["diff"], d["low"], d["high"])],
-                    "relative": [f"{v:+.2%}" if math.isfinite(v) else "–" for v in d["rel_diff"]]})
+                    "relative": [f"{v:+.2%}" if math.isfinite(v) else "–" for v in d["rel_diff"]],
+                    "verdict": [_verdict_cell(r) for r in d.itertuples()]})
     cols = ["arm", "budget", "n_pairs", "arm - twin", "interval", "relative", "arm_mean", "twin_mean", "verdict",
             "note"]
     text = (f"Paired difference of final `{metric}` between each arm and its uniform twin (same budget and seed), "
@@ -135,6 +138,37 @@ def _comparison(ctx: _Ctx, metric: str) -> str:
         text += "\n\n" + ctx.figure(plots.plot_differences(d, metric), f"diff_{metric.replace('.', '_')}",
                                     f"{metric}: arm minus uniform twin per budget")
     return text
+
+
+def _verdict_cell(r) -> str:
+    """A "no clear difference" is only as strong as the differences the sweep could have seen."""
+    if r.verdict == "no clear difference":
+        return f"{r.verdict}: {detectable_text(r.mde, r.mde_rel)}"
+    return r.verdict
+
+
+def _power(ctx: _Ctx) -> str:
+    d = paired_differences(ctx.df, n_boot=200, seed=ctx.seed)
+    d = d[d["n_pairs"] > 0] if len(d) else d
+    if d.empty:
+        return "No finished arm/twin pairs: no seed-to-seed spread to plan from."
+    d = power_table(d)
+    t = d.assign(**{"seed_sd": [number(v, 3) for v in d["seed_sd"]],
+                    "detectable (abs)": [number(v, 3) for v in d["mde"]],
+                    "detectable (rel)": [f"{v:.2%}" if math.isfinite(v) else "–" for v in d["mde_rel"]],
+                    **{f"seeds for {p:.1%}": [_seeds(v) for v in d[seeds_column(p)]] for p in RELATIVE_TARGETS}})
+    cols = ["arm", "budget", "n_pairs", "seed_sd", "detectable (abs)", "detectable (rel)",
+            *[f"seeds for {p:.1%}" for p in RELATIVE_TARGETS]]
+    return (f"The smallest arm-minus-twin difference in val_loss this sweep can detect with {POWER:.0%} power "
+            f"(two-sided paired t-test, alpha {ALPHA:g}), taking the observed seed-to-seed sd of the paired "
+            "differences as the true one, and how many seed pairs would detect relative differences of "
+            + ", ".join(f"{p:.1%}" for p in RELATIVE_TARGETS) + " (relative to the twin's mean loss). With few "
+            "seeds the sd is itself uncertain, so read these as estimates; rows with one pair have no sd.\n\n"
+            + table(t[cols]))
+
+
+def _seeds(v: float) -> str:
+    return "–" if v != v else ("> 100000" if math.isinf(v) else str(int(v)))
 
 
 def _size_gap_text(df: pd.DataFrame) -> str:
@@ -351,6 +385,7 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = DEFAULT_N_BOOT, seed: i
         sections = [
             _section("Overview", lambda: _overview(ctx)),
             _section("Layer-wise arm vs uniform twin (matched budgets)", lambda: _comparison(ctx, "val_loss")),
+            _section("Power: what this sweep could detect", lambda: _power(ctx)),
             _section("Effective parameter multiplier", lambda: _multiplier(ctx)),
             _section("Ranking of arms", lambda: _ranking(ctx)),
             _section("Scaling fits", lambda: _scaling(ctx)),
@@ -415,11 +450,25 @@ def _summary(ctx: _Ctx) -> str:
                                      if with_iv["n_pairs"].max() < MIN_PAIRS_FOR_BOOTSTRAP else ""))
     more = f"; {len(shown) - 2} more arm(s) in the comparison section" if len(shown) > 2 else ""
     lines.append(f"- Strength of evidence ({pairs_range} seed pair(s) per comparison): {strength}{more}.")
+    lines += _power_summary(d)
     gaps = size_gaps(df)
     if len(gaps):
         lines.append(f"- Caution: {len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
                      "(see the comparison section).")
     return "\n".join(lines)
+
+
+def _power_summary(d: pd.DataFrame) -> list[str]:
+    """Every "no clear difference" in the summary comes with the size of difference it could have seen."""
+    p = power_table(d)
+    none = p[p["verdict"] == "no clear difference"]
+    if none.empty:
+        return []
+    cells = "; ".join(f"{r.arm} at {number(r.budget, 3)}: {detectable_text(r.mde, r.mde_rel)}" for r in none.itertuples())
+    need = p[seeds_column(0.01)].replace([np.inf], np.nan).dropna()
+    more = (f" Detecting a 1% relative difference would take about {int(need.max())} seed pairs "
+            "(see the power section)." if len(need) else "")
+    return [f"- Where there is no clear difference ({POWER:.0%} power, alpha {ALPHA:g}): {cells}.{more}"]
 
 
 def _swap_in(tmp: Path, final: Path) -> Path:
