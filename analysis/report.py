@@ -34,6 +34,7 @@ from analysis.fits import FitWarning, InsufficientDataError, fit_chinchilla, fit
 from analysis.isoflop import fit_isoflop
 from analysis.load import SweepError, load_curves, load_sweep
 from analysis.markdown import number, table, with_interval
+from analysis.splits import final_metric, split_problems
 from analysis.power import ALPHA, POWER, RELATIVE_TARGETS, detectable_text, power_table, seeds_column
 
 DEFAULT_N_BOOT = 1000
@@ -57,6 +58,11 @@ class _Ctx:
     @property
     def done(self) -> pd.DataFrame:
         return self.df[self.df["finished"]]
+
+    @property
+    def metric(self) -> str:
+        """The final comparison's metric: test loss when every finished run has one, else validation loss."""
+        return final_metric(self.df)
 
     @property
     def isoflop_grid(self) -> bool:
@@ -109,6 +115,7 @@ def _overview(ctx: _Ctx) -> str:
              f"- budgets ({', '.join(df['budget_kind'].dropna().astype(str).unique()) or 'none'}): "
              + (", ".join(number(b) for b in sorted(df['budget'].dropna().unique())) or "–"),
              f"- seeds: {', '.join(number(s) for s in sorted(df['seed'].dropna().unique())) or '–'}"]
+    lines.append(_splits_line(ctx))
     bad = df[df["status"].isin(["failed", "diverged"]) | ((df["status"] == "done") & ~df["finished"])]
     text = "\n".join(lines)
     if len(bad):
@@ -118,6 +125,16 @@ def _overview(ctx: _Ctx) -> str:
     summary = ctx.done.groupby(["arm", "budget"], dropna=False)["val_loss"].agg(["count", "mean", "std"]).reset_index()
     text += "\n\nFinal validation loss per arm and budget (mean and sd over seeds):\n\n"
     return text + table(summary.rename(columns={"count": "seeds"}))
+
+
+def _splits_line(ctx: _Ctx) -> str:
+    problems = split_problems(ctx.df)
+    if problems:
+        return "- held-out splits: **differ between runs**: " + "; ".join(problems)
+    prints = {c: sorted(ctx.done[c].dropna().astype(str).unique()) for c in ("val_fingerprint", "test_fingerprint")}
+    shown = ", ".join(f"{c.split('_')[0]} {v[0]}" for c, v in prints.items() if v) or "not recorded (older runs)"
+    return (f"- held-out splits (same for every finished run): {shown}; final comparisons use {ctx.metric}"
+            + (" (selection used validation only)" if ctx.metric == "test_loss" else ""))
 
 
 def _comparison(ctx: _Ctx, metric: str) -> str:
@@ -148,7 +165,7 @@ def _verdict_cell(r) -> str:
 
 
 def _power(ctx: _Ctx) -> str:
-    d = paired_differences(ctx.df, n_boot=200, seed=ctx.seed)
+    d = paired_differences(ctx.df, ctx.metric, n_boot=200, seed=ctx.seed)
     d = d[d["n_pairs"] > 0] if len(d) else d
     if d.empty:
         return "No finished arm/twin pairs: no seed-to-seed spread to plan from."
@@ -159,7 +176,7 @@ def _power(ctx: _Ctx) -> str:
                     **{f"seeds for {p:.1%}": [_seeds(v) for v in d[seeds_column(p)]] for p in RELATIVE_TARGETS}})
     cols = ["arm", "budget", "n_pairs", "seed_sd", "detectable (abs)", "detectable (rel)",
             *[f"seeds for {p:.1%}" for p in RELATIVE_TARGETS]]
-    return (f"The smallest arm-minus-twin difference in val_loss this sweep can detect with {POWER:.0%} power "
+    return (f"The smallest arm-minus-twin difference in {ctx.metric} this sweep can detect with {POWER:.0%} power "
             f"(two-sided paired t-test, alpha {ALPHA:g}), taking the observed seed-to-seed sd of the paired "
             "differences as the true one, and how many seed pairs would detect relative differences of "
             + ", ".join(f"{p:.1%}" for p in RELATIVE_TARGETS) + " (relative to the twin's mean loss). With few "
@@ -384,7 +401,7 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = DEFAULT_N_BOOT, seed: i
         ctx = _Ctx(df, curves, tmp / "figures", n_boot, seed, dict(chance or {}))
         sections = [
             _section("Overview", lambda: _overview(ctx)),
-            _section("Layer-wise arm vs uniform twin (matched budgets)", lambda: _comparison(ctx, "val_loss")),
+            _section("Layer-wise arm vs uniform twin (matched budgets)", lambda: _comparison(ctx, ctx.metric)),
             _section("Power: what this sweep could detect", lambda: _power(ctx)),
             _section("Effective parameter multiplier", lambda: _multiplier(ctx)),
             _section("Ranking of arms", lambda: _ranking(ctx)),
@@ -422,10 +439,13 @@ def _summary(ctx: _Ctx) -> str:
     kind = ", ".join(df["budget_kind"].dropna().astype(str).unique()) or "no"
     what = (f"{', '.join(arms)} against {'its' if len(arms) == 1 else 'their'} uniform twin(s)" if arms
             else "uniform models only (no layer-wise arms)")
+    metric = ctx.metric
     lines = [f"**Summary.** Compared: {what} at {df['budget'].dropna().nunique()} {kind} budget(s), "
              f"{df['seed'].dropna().nunique()} seed(s); {int(df['finished'].sum())} of {len(df)} runs finished. "
-             "Metric: final val_loss (lower is better)."]
-    d = paired_differences(df, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
+             f"Metric: final {metric} (lower is better)"
+             + ("; held-out test split, never used for selection." if metric == "test_loss" else ".")]
+    lines += [f"- Caution: {p}." for p in split_problems(df)]
+    d = paired_differences(df, metric, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
     d = d[d["n_pairs"] > 0] if len(d) else d
     if d.empty:
         lines.append("- No finished arm/twin pairs, so no matched-budget comparison; see the scaling sections.")
@@ -437,7 +457,7 @@ def _summary(ctx: _Ctx) -> str:
         results = "; ".join(f"{number(r.budget, 3)}: {with_interval(r.diff, r.low, r.high)}" for r in g.itertuples())
         verdicts = sorted(set(g["verdict"]) & {"arm better", "arm worse"})
         label = " [95% interval]" if (g["interval"] != "none").any() else " (no intervals)"
-        lines.append(f"- {arm} minus its twin, val_loss per budget{label}: {results}"
+        lines.append(f"- {arm} minus its twin, {metric} per budget{label}: {results}"
                      + (f" ({', '.join(verdicts)} where the interval excludes 0)." if verdicts else "."))
     with_iv, decided = d[d["interval"] != "none"], d[d["verdict"].isin(["arm better", "arm worse"])]
     pairs_range = f"{int(d['n_pairs'].min())}-{int(d['n_pairs'].max())}" if d["n_pairs"].nunique() > 1 \
