@@ -35,6 +35,8 @@ from analysis.isoflop import fit_isoflop
 from analysis.load import SweepError, load_curves, load_sweep
 from analysis.markdown import number, table, with_interval
 from analysis.splits import final_metric, split_problems
+from analysis.tuning import main_rows, tune_rows
+from analysis.tuning_report import read_tune_record, tuned_label, tuning_section
 from analysis.power import ALPHA, POWER, RELATIVE_TARGETS, detectable_text, power_table, seeds_column
 
 DEFAULT_N_BOOT = 1000
@@ -49,6 +51,8 @@ class _Ctx:
     seed: int
     chance: dict
     figures: list = field(default_factory=list)
+    tune: pd.DataFrame | None = None  # tuning runs (role=tune) of a tuned sweep; ``df`` holds the rest
+    tune_record: dict | None = None  # the sweep's tune.json
 
     def figure(self, fig, name: str, caption: str) -> str:
         plots.save_figure(fig, self.fig_dir, name)
@@ -150,7 +154,7 @@ def _comparison(ctx: _Ctx, metric: str) -> str:
     text = (f"Paired difference of final `{metric}` between each arm and its uniform twin (same budget and seed), "
             f"averaged over seeds, with a 95% interval over the seed pairs: none below {MIN_PAIRS_FOR_INTERVAL} "
             f"pairs (and no verdict), Student t below {MIN_PAIRS_FOR_BOOTSTRAP}, percentile bootstrap from "
-            f"{MIN_PAIRS_FOR_BOOTSTRAP}.\n\n" + table(t[cols]) + _size_gap_text(ctx.df))
+            f"{MIN_PAIRS_FOR_BOOTSTRAP}.{tuned_label(ctx)}\n\n" + table(t[cols]) + _size_gap_text(ctx.df))
     if np.isfinite(d["diff"]).any():
         text += "\n\n" + ctx.figure(plots.plot_differences(d, metric), f"diff_{metric.replace('.', '_')}",
                                     f"{metric}: arm minus uniform twin per budget")
@@ -393,16 +397,19 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = DEFAULT_N_BOOT, seed: i
     ``{"eval.hellaswag.acc": 0.25}``).
     """
     sweep_dir = Path(sweep_dir)
-    df = load_sweep(sweep_dir)
-    _check_chance(chance or {}, df, sweep_dir)
+    everything = load_sweep(sweep_dir)
+    _check_chance(chance or {}, everything, sweep_dir)
+    df, tune = main_rows(everything), tune_rows(everything)
     curves = load_curves(sweep_dir, df)
     tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=sweep_dir))
     try:
-        ctx = _Ctx(df, curves, tmp / "figures", n_boot, seed, dict(chance or {}))
+        ctx = _Ctx(df, curves, tmp / "figures", n_boot, seed, dict(chance or {}), tune=tune,
+                   tune_record=read_tune_record(sweep_dir))
         sections = [
             _section("Overview", lambda: _overview(ctx)),
             _section("Layer-wise arm vs uniform twin (matched budgets)", lambda: _comparison(ctx, ctx.metric)),
             _section("Power: what this sweep could detect", lambda: _power(ctx)),
+            *([_section("Tuning", lambda: tuning_section(ctx))] if len(tune) else []),
             _section("Effective parameter multiplier", lambda: _multiplier(ctx)),
             _section("Ranking of arms", lambda: _ranking(ctx)),
             _section("Scaling fits", lambda: _scaling(ctx)),
