@@ -278,9 +278,13 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
         write_tune_record(grid, stage, sweep_dir)
         summary = run_sweep(select(located), sweep_dir, opts)
         for outcome, n in summary.counts.items():
-            total.counts[outcome] = total.counts.get(outcome, 0) + n
+            if not outcome.startswith("skipped"):  # every pass skips what earlier passes did: count the last only
+                total.counts[outcome] = total.counts.get(outcome, 0) + n
         new = plan_stage(grid, base_runs, sweep_dir)
         if [r.name for r in new.runs] == [r.name for r in stage.runs]:
+            for outcome, n in summary.counts.items():
+                if outcome.startswith("skipped"):
+                    total.counts[outcome] = n
             write_tune_record(grid, new, sweep_dir)
             if new.waiting:
                 print(f"note: {new.waiting} main run(s) wait for tuning runs another driver holds; rerun to continue")

@@ -151,3 +151,41 @@ def test_a_tuned_sweep_end_to_end(tmp_path):
         assert len(main) == 1 and main["lr"].iloc[0] == cell["chosen"]
     assert run.main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
     assert len(read_results(out)) == 6
+
+
+def test_the_driver_tunes_extends_then_trains_main_runs_and_a_rerun_trains_nothing(tmp_path, monkeypatch, capsys):
+    """The driver loop with a stand-in trainer (a loss bowl in log lr): passes until the plan stops changing."""
+    from sweeps import driver
+    from sweeps.results import read_results
+
+    trained = []
+
+    def fake_train(planned, progress, lead):
+        trained.append(planned.name)
+        d = planned.config.run_dir
+        value = _bowl(best_arm=1.6e-2, best_twin=2e-3)(planned)
+        rd.write_status(d, "done", step=1, total_steps=1)
+        rd.write_final(d, {"val_loss": value, "params": planned.row["params"]})
+        return "done", ""
+
+    monkeypatch.setattr(driver, "_train", fake_train)
+    path = write_grid(tmp_path / "g.yaml", AXES, tune={"axis": "optimizer.lr", "values": [1e-3, 2e-3, 4e-3],
+                                                        "seeds": [100]})
+    out = tmp_path / "sweep"
+    assert run.main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    df = read_results(out)
+    tune, main = df[df["role"] == "tune"], df[df["role"] == "main"]
+    # the arm's optimum is above the range: two extensions up (8e-3, 1.6e-2); the twin's is inside
+    assert len(tune) == 3 + 2 + 3 and len(main) == 4 and (df["status"] == "done").all()
+    assert sorted(main["tune_value"].unique()) == [2e-3, 1.6e-2]
+    assert set(main["seed"]) == {0, 1} and set(tune["seed"]) == {100}
+    # every tuning run of a cell was trained before any main run of that cell (cells decide independently)
+    for cell, g in df.groupby("tune_cell"):
+        first_main = min(trained.index(n) for n in g.loc[g["role"] == "main", "run"])
+        assert all(trained.index(n) < first_main for n in g.loc[g["role"] == "tune", "run"])
+    # skips are counted in the last pass only (each pass skips what earlier passes trained)
+    assert "this driver: 12 done, 10 skipped (already done)" in capsys.readouterr().out
+    assert len(trained) == len(set(trained)) == len(df)
+    trained.clear()
+    assert run.main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    assert trained == [] and len(read_results(out)) == 12
