@@ -189,3 +189,14 @@ def test_the_driver_tunes_extends_then_trains_main_runs_and_a_rerun_trains_nothi
     trained.clear()
     assert run.main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
     assert trained == [] and len(read_results(out)) == 12
+
+
+def test_an_integer_setting_is_tuned_with_rounded_steps(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.yaml", AXES, tune={"axis": "optimizer.warmup_steps", "values": [2, 4],
+                                                                  "seeds": [100]}))
+    spec = grid.tune
+    assert spec.integer and spec.step_beyond((2.0, 4.0), upward=True) == 8.0
+    assert spec.step_beyond((3.0, 4.0), upward=False) == 2.0  # 3 * 3/4 = 2.25, rounded
+    runs = plan_stage(grid, build_plan(grid), None).tune_runs
+    assert {r.config.optimizer.warmup_steps for r in runs} == {2, 4}
+    assert all(isinstance(r.config.optimizer.warmup_steps, int) for r in runs)
