@@ -451,13 +451,13 @@ def _summary(ctx: _Ctx) -> str:
              f"{df['seed'].dropna().nunique()} seed(s); {int(df['finished'].sum())} of {len(df)} runs finished. "
              f"Metric: final {metric} (lower is better)"
              + ("; held-out test split, never used for selection." if metric == "test_loss" else ".")]
-    lines += [f"- Caution: {p}." for p in split_problems(df)]
+    cautions = list(split_problems(df))
     d = paired_differences(df, metric, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
     d = d[d["n_pairs"] > 0] if len(d) else d
     if d.empty:
         lines.append("- No finished arm/twin pairs, so no matched-budget comparison; see the scaling sections.")
         lines.append("- Strength of evidence: nothing was compared.")
-        return "\n".join(lines)
+        return "\n".join(lines + ([f"- Caution: {'; '.join(cautions)}."] if cautions else []))
     shown = sorted(d["arm"].astype(str).unique())
     for arm in shown[:2]:
         g = d[d["arm"].astype(str) == arm]
@@ -476,26 +476,36 @@ def _summary(ctx: _Ctx) -> str:
                 "those exclude 0" + ("; with so few seeds, treat any verdict as tentative"
                                      if with_iv["n_pairs"].max() < MIN_PAIRS_FOR_BOOTSTRAP else ""))
     more = f"; {len(shown) - 2} more arm(s) in the comparison section" if len(shown) > 2 else ""
-    lines.append(f"- Strength of evidence ({pairs_range} seed pair(s) per comparison): {strength}{more}.")
-    lines += _power_summary(d)
+    lines.append(f"- Strength of evidence ({pairs_range} seed pair(s) per comparison): {strength}{more}."
+                 + _power_summary(d))
     gaps = size_gaps(df)
     if len(gaps):
-        lines.append(f"- Caution: {len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
-                     "(see the comparison section).")
+        cautions.append(f"{len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
+                        "(see the comparison section)")
+    if cautions:  # one line, so the summary stays within 5 lines
+        lines.append(f"- Caution: {'; '.join(cautions)}.")
     return "\n".join(lines)
 
 
-def _power_summary(d: pd.DataFrame) -> list[str]:
-    """Every "no clear difference" in the summary comes with the size of difference it could have seen."""
+def _power_summary(d: pd.DataFrame) -> str:
+    """Every "no clear difference" in the summary comes with the size of difference it could have seen
+    (appended to the strength-of-evidence line, so the summary stays within 5 lines)."""
     p = power_table(d)
-    none = p[p["verdict"] == "no clear difference"]
-    if none.empty:
-        return []
-    cells = "; ".join(f"{r.arm} at {number(r.budget, 3)}: {detectable_text(r.mde, r.mde_rel)}" for r in none.itertuples())
+    rel = p["mde_rel"].replace([np.inf], np.nan).dropna()
     need = p[seeds_column(0.01)].replace([np.inf], np.nan).dropna()
-    more = (f" Detecting a 1% relative difference would take about {int(need.max())} seed pairs "
-            "(see the power section)." if len(need) else "")
-    return [f"- Where there is no clear difference ({POWER:.0%} power, alpha {ALPHA:g}): {cells}.{more}"]
+    none = p[p["verdict"] == "no clear difference"]
+    if rel.empty and none.empty:
+        return ""
+    parts = []
+    if len(rel):
+        span = f"{rel.min():.2%}" if len(rel) == 1 else f"{rel.min():.2%} to {rel.max():.2%}"
+        parts.append(f"the smallest detectable arm-minus-twin difference is {span} relative"
+                     + (f" (detecting 1% would take up to {int(need.max())} seed pairs)" if len(need) else ""))
+    if len(none):
+        parts.append("where there is no clear difference, " + "; ".join(
+            f"{r.arm} at {number(r.budget, 3)}: {detectable_text(r.mde, r.mde_rel)}" for r in none.itertuples()))
+    return (f" Sensitivity ({POWER:.0%} power, alpha {ALPHA:g}, paired t-test on the observed seed spread): "
+            + "; ".join(parts) + ".")
 
 
 def _swap_in(tmp: Path, final: Path) -> Path:

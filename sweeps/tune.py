@@ -273,6 +273,7 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
 
     total = Summary()
     stage = plan_stage(grid, base_runs, sweep_dir)
+    _say_extensions(grid.tune, {}, stage)
     while True:
         located = prepare(grid, stage.runs, sweep_dir)
         write_tune_record(grid, stage, sweep_dir)
@@ -281,6 +282,7 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
             if not outcome.startswith("skipped"):  # every pass skips what earlier passes did: count the last only
                 total.counts[outcome] = total.counts.get(outcome, 0) + n
         new = plan_stage(grid, base_runs, sweep_dir)
+        _say_extensions(grid.tune, stage.cells, new)
         if [r.name for r in new.runs] == [r.name for r in stage.runs]:
             for outcome, n in summary.counts.items():
                 if outcome.startswith("skipped"):
@@ -293,3 +295,14 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
                       f"(see {Path(sweep_dir) / TUNE_FILE})")
             return total
         stage = new
+
+
+
+def _say_extensions(spec: TuneSpec, old: dict[str, Cell], new: Stage) -> None:
+    """Print each range extension once, as a driver first sees it."""
+    for key, cell in new.cells.items():
+        before = old[key].extended if key in old else []
+        for step in cell.extended[len(before):]:
+            row = cell.base.row
+            print(f"tuning: the best {spec.axis} of {row['arm']} at budget {row['budget']:.4g} was at an edge of the "
+                  f"range; extended it {step} (extension {cell.extended.index(step) + 1} of at most {spec.extend})")

@@ -68,3 +68,4 @@ def test_report_states_what_a_no_clear_difference_could_have_seen(tmp_path):
     assert all("we could have seen differences larger than" in line for line in no_clear)
     summary = text.split("## ")[0]
     assert "we could have seen differences larger than" in summary
+    assert "Sensitivity (80% power, alpha 0.05" in summary and "(detecting 1% would take up to" in summary

@@ -184,7 +184,10 @@ def test_the_driver_tunes_extends_then_trains_main_runs_and_a_rerun_trains_nothi
         first_main = min(trained.index(n) for n in g.loc[g["role"] == "main", "run"])
         assert all(trained.index(n) < first_main for n in g.loc[g["role"] == "tune", "run"])
     # skips are counted in the last pass only (each pass skips what earlier passes trained)
-    assert "this driver: 12 done, 10 skipped (already done)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "this driver: 12 done, 10 skipped (already done)" in printed
+    assert "extended it up to 0.008 (extension 1 of at most 2)" in printed
+    assert "extended it up to 0.016 (extension 2 of at most 2)" in printed
     assert len(trained) == len(set(trained)) == len(df)
     trained.clear()
     assert run.main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
