@@ -36,6 +36,7 @@ from elmjax.config import Config, identity
 from sweeps.grid import Grid
 from sweeps.naming import compact_number, make_label, run_name
 from sweeps.plan import PlannedRun
+from sweeps.results import read_run_status
 from sweeps.rows import model_columns
 from sweeps.tune_grid import SEED_PATHS, TuneSpec
 
@@ -163,8 +164,6 @@ def _settle(cell: Cell, spec: TuneSpec, sweep_dir: Path | None) -> list[PlannedR
 
 
 def _result(run_dir: Path, metric: str) -> tuple[str, float]:
-    from sweeps.results import read_run_status
-
     state = read_run_status(run_dir).get("state", "pending") if run_dir.exists() else "pending"
     if state != "done":
         return state, math.nan
