@@ -32,6 +32,14 @@ _LAZY = {
     "rank_arms": "analysis.compare",
     "pairs": "analysis.compare",
     "write_report": "analysis.report",
+    "min_detectable_effect": "analysis.power",
+    "seeds_needed": "analysis.power",
+    "power_table": "analysis.power",
+    "final_metric": "analysis.splits",
+    "split_problems": "analysis.splits",
+    "optimum_table": "analysis.tuning",
+    "shared_value_differences": "analysis.tuning",
+    "tuning_curves": "analysis.tuning",
 }
 
 __all__ = sorted(_LAZY)

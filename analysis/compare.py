@@ -84,7 +84,9 @@ def lower_is_better(metric: str) -> bool:
 def _ok(df: pd.DataFrame, metric: str) -> pd.Series:
     if metric not in df.columns:
         raise KeyError(f"no column {metric!r} in the results; columns: {', '.join(map(str, df.columns))}")
-    return (df["status"] == "done") & np.isfinite(pd.to_numeric(df[metric], errors="coerce"))
+    ok = (df["status"] == "done") & np.isfinite(pd.to_numeric(df[metric], errors="coerce"))
+    # Tuning runs of a tuned sweep (role=tune) chose the value; they never enter a comparison of arms.
+    return ok & (df["role"] != "tune") if "role" in df else ok
 
 
 def pairs(df: pd.DataFrame, metric: str = "val_loss") -> pd.DataFrame:

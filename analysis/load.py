@@ -32,6 +32,9 @@ NUMERIC_COLUMNS = (
 TEXT_COLUMNS = ("run", "run_dir", "status", "error", "arm", "twin", "budget_kind", "qkv_schedule", "ffn_schedule",
                 "q_heads", "kv_heads", "ffn_dims")
 CONTRACT_COLUMNS = TEXT_COLUMNS + ("is_uniform",) + NUMERIC_COLUMNS
+# Columns newer sweeps write (test split, tuning); added empty for older ones without being "missing".
+OPTIONAL_NUMERIC = ("test_loss", "test_bpb", "tune_value")
+OPTIONAL_TEXT = ("val_fingerprint", "test_fingerprint", "role", "tune_axis", "tune_cell")
 STATUSES = ("pending", "running", "done", "failed", "diverged")
 RESULTS = ("results.parquet", "results.csv")
 # metrics.jsonl keys that are not metrics.
@@ -105,9 +108,12 @@ def _normalize(df: pd.DataFrame) -> pd.DataFrame:
     for col in CONTRACT_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan
-    for col in NUMERIC_COLUMNS:
+    for col in OPTIONAL_NUMERIC + OPTIONAL_TEXT:
+        if col not in df.columns:
+            df[col] = np.nan
+    for col in NUMERIC_COLUMNS + OPTIONAL_NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in TEXT_COLUMNS:
+    for col in TEXT_COLUMNS + OPTIONAL_TEXT:
         df[col] = df[col].astype("object").where(df[col].notna(), None)
     df["status"] = [str(s).strip().lower() if s is not None else "pending" for s in df["status"]]
     df["is_uniform"] = _is_uniform(df)
@@ -132,7 +138,8 @@ def _row_from_run_dir(run: Path, sweep: Path) -> dict:
     row = {"run": run.name, "run_dir": str(run.relative_to(sweep)) if run != sweep else ".",
            "status": status.get("state", "pending"), "error": status.get("error"),
            **{k: final.get(k) for k in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s",
-                                        "params", "non_embedding_params", "flops_per_token")},
+                                        "params", "non_embedding_params", "flops_per_token", "test_loss",
+                                        "test_bpb", "val_fingerprint", "test_fingerprint")},
            "final_step": final.get("step"), "tokens_seen": final.get("tokens")}
     try:
         cfg = load_yaml(run / "config.yaml")

@@ -239,3 +239,28 @@ def plot_isoflop(df: pd.DataFrame, fit, size: str = "params", metric: str = "val
     ax.set(xlabel=size, ylabel=metric, title=f"isoFLOP profiles: N_opt ~ C^{fit.a.estimate:.3g}")
     ax.legend(fontsize=7)
     return fig
+
+
+def plot_tuning_curves(curves: pd.DataFrame, budget: float, axis: str = "optimizer.lr",
+                       metric: str = "val_loss") -> Figure:
+    """Loss against the tuned value (log x) per arm at one budget; the best value of each arm is marked."""
+    g = curves[curves["budget"] == budget]
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    colors = palette(g["arm"])
+    for arm, a in g.groupby("arm", sort=True):
+        a = a.sort_values("value")
+        ax.errorbar(a["value"], a["mean"], yerr=a["sd"].fillna(0.0), marker="o", capsize=3, color=colors[str(arm)],
+                    label=str(arm))
+        ok = a[np.isfinite(a["mean"])]
+        if len(ok):
+            best = ok.loc[ok["mean"].idxmin()]
+            ax.plot([best["value"]], [best["mean"]], marker="*", markersize=14, color=colors[str(arm)], linestyle="")
+    ax.set_xscale("log")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"{metric} (mean over tuning seeds)")
+    ax.set_title(f"tuning at budget {budget:.3g} (star: best per arm)")
+    if len(g):
+        _clip_y(ax, g["mean"].to_numpy(float))
+        ax.legend(fontsize=8)
+    return fig

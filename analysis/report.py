@@ -34,6 +34,10 @@ from analysis.fits import FitWarning, InsufficientDataError, fit_chinchilla, fit
 from analysis.isoflop import fit_isoflop
 from analysis.load import SweepError, load_curves, load_sweep
 from analysis.markdown import number, table, with_interval
+from analysis.splits import final_metric, split_problems
+from analysis.tuning import main_rows, tune_rows
+from analysis.tuning_report import read_tune_record, tuned_label, tuning_section
+from analysis.power import ALPHA, POWER, RELATIVE_TARGETS, detectable_text, power_table, seeds_column
 
 DEFAULT_N_BOOT = 1000
 
@@ -47,6 +51,8 @@ class _Ctx:
     seed: int
     chance: dict
     figures: list = field(default_factory=list)
+    tune: pd.DataFrame | None = None  # tuning runs (role=tune) of a tuned sweep; ``df`` holds the rest
+    tune_record: dict | None = None  # the sweep's tune.json
 
     def figure(self, fig, name: str, caption: str) -> str:
         plots.save_figure(fig, self.fig_dir, name)
@@ -56,6 +62,11 @@ class _Ctx:
     @property
     def done(self) -> pd.DataFrame:
         return self.df[self.df["finished"]]
+
+    @property
+    def metric(self) -> str:
+        """The final comparison's metric: test loss when every finished run has one, else validation loss."""
+        return final_metric(self.df)
 
     @property
     def isoflop_grid(self) -> bool:
@@ -108,6 +119,7 @@ def _overview(ctx: _Ctx) -> str:
              f"- budgets ({', '.join(df['budget_kind'].dropna().astype(str).unique()) or 'none'}): "
              + (", ".join(number(b) for b in sorted(df['budget'].dropna().unique())) or "–"),
              f"- seeds: {', '.join(number(s) for s in sorted(df['seed'].dropna().unique())) or '–'}"]
+    lines.append(_splits_line(ctx))
     bad = df[df["status"].isin(["failed", "diverged"]) | ((df["status"] == "done") & ~df["finished"])]
     text = "\n".join(lines)
     if len(bad):
@@ -119,22 +131,65 @@ def _overview(ctx: _Ctx) -> str:
     return text + table(summary.rename(columns={"count": "seeds"}))
 
 
+def _splits_line(ctx: _Ctx) -> str:
+    problems = split_problems(ctx.df)
+    if problems:
+        return "- held-out splits: **differ between runs**: " + "; ".join(problems)
+    prints = {c: sorted(ctx.done[c].dropna().astype(str).unique()) for c in ("val_fingerprint", "test_fingerprint")}
+    shown = ", ".join(f"{c.split('_')[0]} {v[0]}" for c, v in prints.items() if v) or "not recorded (older runs)"
+    return (f"- held-out splits (same for every finished run): {shown}; final comparisons use {ctx.metric}"
+            + (" (selection used validation only)" if ctx.metric == "test_loss" else ""))
+
+
 def _comparison(ctx: _Ctx, metric: str) -> str:
     d = paired_differences(ctx.df, metric, n_boot=max(ctx.n_boot, 200), seed=ctx.seed)
     if d.empty:
         return "No layer-wise arms with uniform twins in this sweep: nothing to compare."
+    d = power_table(d)
     t = d.assign(**{"arm - twin": [with_interval(a, b, c) for a, b, c in zip(d["diff"], d["low"], d["high"])],
-                    "relative": [f"{v:+.2%}" if math.isfinite(v) else "–" for v in d["rel_diff"]]})
+                    "relative": [f"{v:+.2%}" if math.isfinite(v) else "–" for v in d["rel_diff"]],
+                    "verdict": [_verdict_cell(r) for r in d.itertuples()]})
     cols = ["arm", "budget", "n_pairs", "arm - twin", "interval", "relative", "arm_mean", "twin_mean", "verdict",
             "note"]
     text = (f"Paired difference of final `{metric}` between each arm and its uniform twin (same budget and seed), "
             f"averaged over seeds, with a 95% interval over the seed pairs: none below {MIN_PAIRS_FOR_INTERVAL} "
             f"pairs (and no verdict), Student t below {MIN_PAIRS_FOR_BOOTSTRAP}, percentile bootstrap from "
-            f"{MIN_PAIRS_FOR_BOOTSTRAP}.\n\n" + table(t[cols]) + _size_gap_text(ctx.df))
+            f"{MIN_PAIRS_FOR_BOOTSTRAP}.{tuned_label(ctx)}\n\n" + table(t[cols]) + _size_gap_text(ctx.df))
     if np.isfinite(d["diff"]).any():
         text += "\n\n" + ctx.figure(plots.plot_differences(d, metric), f"diff_{metric.replace('.', '_')}",
                                     f"{metric}: arm minus uniform twin per budget")
     return text
+
+
+def _verdict_cell(r) -> str:
+    """A "no clear difference" is only as strong as the differences the sweep could have seen."""
+    if r.verdict == "no clear difference":
+        return f"{r.verdict}: {detectable_text(r.mde, r.mde_rel)}"
+    return r.verdict
+
+
+def _power(ctx: _Ctx) -> str:
+    d = paired_differences(ctx.df, ctx.metric, n_boot=200, seed=ctx.seed)
+    d = d[d["n_pairs"] > 0] if len(d) else d
+    if d.empty:
+        return "No finished arm/twin pairs: no seed-to-seed spread to plan from."
+    d = power_table(d)
+    t = d.assign(**{"seed_sd": [number(v, 3) for v in d["seed_sd"]],
+                    "detectable (abs)": [number(v, 3) for v in d["mde"]],
+                    "detectable (rel)": [f"{v:.2%}" if math.isfinite(v) else "–" for v in d["mde_rel"]],
+                    **{f"seeds for {p:.1%}": [_seeds(v) for v in d[seeds_column(p)]] for p in RELATIVE_TARGETS}})
+    cols = ["arm", "budget", "n_pairs", "seed_sd", "detectable (abs)", "detectable (rel)",
+            *[f"seeds for {p:.1%}" for p in RELATIVE_TARGETS]]
+    return (f"The smallest arm-minus-twin difference in {ctx.metric} this sweep can detect with {POWER:.0%} power "
+            f"(two-sided paired t-test, alpha {ALPHA:g}), taking the observed seed-to-seed sd of the paired "
+            "differences as the true one, and how many seed pairs would detect relative differences of "
+            + ", ".join(f"{p:.1%}" for p in RELATIVE_TARGETS) + " (relative to the twin's mean loss). With few "
+            "seeds the sd is itself uncertain, so read these as estimates; rows with one pair have no sd.\n\n"
+            + table(t[cols]))
+
+
+def _seeds(v: float) -> str:
+    return "–" if v != v else ("> 100000" if math.isinf(v) else str(int(v)))
 
 
 def _size_gap_text(df: pd.DataFrame) -> str:
@@ -342,15 +397,19 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = DEFAULT_N_BOOT, seed: i
     ``{"eval.hellaswag.acc": 0.25}``).
     """
     sweep_dir = Path(sweep_dir)
-    df = load_sweep(sweep_dir)
-    _check_chance(chance or {}, df, sweep_dir)
+    everything = load_sweep(sweep_dir)
+    _check_chance(chance or {}, everything, sweep_dir)
+    df, tune = main_rows(everything), tune_rows(everything)
     curves = load_curves(sweep_dir, df)
     tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=sweep_dir))
     try:
-        ctx = _Ctx(df, curves, tmp / "figures", n_boot, seed, dict(chance or {}))
+        ctx = _Ctx(df, curves, tmp / "figures", n_boot, seed, dict(chance or {}), tune=tune,
+                   tune_record=read_tune_record(sweep_dir))
         sections = [
             _section("Overview", lambda: _overview(ctx)),
-            _section("Layer-wise arm vs uniform twin (matched budgets)", lambda: _comparison(ctx, "val_loss")),
+            _section("Layer-wise arm vs uniform twin (matched budgets)", lambda: _comparison(ctx, ctx.metric)),
+            _section("Power: what this sweep could detect", lambda: _power(ctx)),
+            *([_section("Tuning", lambda: tuning_section(ctx))] if len(tune) else []),
             _section("Effective parameter multiplier", lambda: _multiplier(ctx)),
             _section("Ranking of arms", lambda: _ranking(ctx)),
             _section("Scaling fits", lambda: _scaling(ctx)),
@@ -387,22 +446,25 @@ def _summary(ctx: _Ctx) -> str:
     kind = ", ".join(df["budget_kind"].dropna().astype(str).unique()) or "no"
     what = (f"{', '.join(arms)} against {'its' if len(arms) == 1 else 'their'} uniform twin(s)" if arms
             else "uniform models only (no layer-wise arms)")
+    metric = ctx.metric
     lines = [f"**Summary.** Compared: {what} at {df['budget'].dropna().nunique()} {kind} budget(s), "
              f"{df['seed'].dropna().nunique()} seed(s); {int(df['finished'].sum())} of {len(df)} runs finished. "
-             "Metric: final val_loss (lower is better)."]
-    d = paired_differences(df, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
+             f"Metric: final {metric} (lower is better)"
+             + ("; held-out test split, never used for selection." if metric == "test_loss" else ".")]
+    cautions = list(split_problems(df))
+    d = paired_differences(df, metric, n_boot=max(ctx.n_boot, 200), seed=ctx.seed) if arms else pd.DataFrame()
     d = d[d["n_pairs"] > 0] if len(d) else d
     if d.empty:
         lines.append("- No finished arm/twin pairs, so no matched-budget comparison; see the scaling sections.")
         lines.append("- Strength of evidence: nothing was compared.")
-        return "\n".join(lines)
+        return "\n".join(lines + ([f"- Caution: {'; '.join(cautions)}."] if cautions else []))
     shown = sorted(d["arm"].astype(str).unique())
     for arm in shown[:2]:
         g = d[d["arm"].astype(str) == arm]
         results = "; ".join(f"{number(r.budget, 3)}: {with_interval(r.diff, r.low, r.high)}" for r in g.itertuples())
         verdicts = sorted(set(g["verdict"]) & {"arm better", "arm worse"})
         label = " [95% interval]" if (g["interval"] != "none").any() else " (no intervals)"
-        lines.append(f"- {arm} minus its twin, val_loss per budget{label}: {results}"
+        lines.append(f"- {arm} minus its twin, {metric} per budget{label}: {results}"
                      + (f" ({', '.join(verdicts)} where the interval excludes 0)." if verdicts else "."))
     with_iv, decided = d[d["interval"] != "none"], d[d["verdict"].isin(["arm better", "arm worse"])]
     pairs_range = f"{int(d['n_pairs'].min())}-{int(d['n_pairs'].max())}" if d["n_pairs"].nunique() > 1 \
@@ -414,12 +476,36 @@ def _summary(ctx: _Ctx) -> str:
                 "those exclude 0" + ("; with so few seeds, treat any verdict as tentative"
                                      if with_iv["n_pairs"].max() < MIN_PAIRS_FOR_BOOTSTRAP else ""))
     more = f"; {len(shown) - 2} more arm(s) in the comparison section" if len(shown) > 2 else ""
-    lines.append(f"- Strength of evidence ({pairs_range} seed pair(s) per comparison): {strength}{more}.")
+    lines.append(f"- Strength of evidence ({pairs_range} seed pair(s) per comparison): {strength}{more}."
+                 + _power_summary(d))
     gaps = size_gaps(df)
     if len(gaps):
-        lines.append(f"- Caution: {len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
-                     "(see the comparison section).")
+        cautions.append(f"{len(gaps)} arm/twin pair(s) differ in size by more than {SIZE_GAP_FLAG:.0%} "
+                        "(see the comparison section)")
+    if cautions:  # one line, so the summary stays within 5 lines
+        lines.append(f"- Caution: {'; '.join(cautions)}.")
     return "\n".join(lines)
+
+
+def _power_summary(d: pd.DataFrame) -> str:
+    """Every "no clear difference" in the summary comes with the size of difference it could have seen
+    (appended to the strength-of-evidence line, so the summary stays within 5 lines)."""
+    p = power_table(d)
+    rel = p["mde_rel"].replace([np.inf], np.nan).dropna()
+    need = p[seeds_column(0.01)].replace([np.inf], np.nan).dropna()
+    none = p[p["verdict"] == "no clear difference"]
+    if rel.empty and none.empty:
+        return ""
+    parts = []
+    if len(rel):
+        span = f"{rel.min():.2%}" if len(rel) == 1 else f"{rel.min():.2%} to {rel.max():.2%}"
+        parts.append(f"the smallest detectable arm-minus-twin difference is {span} relative"
+                     + (f" (detecting 1% would take up to {int(need.max())} seed pairs)" if len(need) else ""))
+    if len(none):
+        parts.append("where there is no clear difference, " + "; ".join(
+            f"{r.arm} at {number(r.budget, 3)}: {detectable_text(r.mde, r.mde_rel)}" for r in none.itertuples()))
+    return (f" Sensitivity ({POWER:.0%} power, alpha {ALPHA:g}, paired t-test on the observed seed spread): "
+            + "; ".join(parts) + ".")
 
 
 def _swap_in(tmp: Path, final: Path) -> Path:

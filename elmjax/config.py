@@ -26,11 +26,16 @@ class DataConfig:
     seed: int = 0  # shuffle seed: same seed => same batches whatever the model
     val_fraction: float = 0.05  # fraction of documents (files for stdlib) held out
     val_sequences: int = 32  # fixed number of held-out sequences for evaluation
+    # Held-out sequences after the validation ones, scored once at the end (final.json test_*);
+    # 0 = no test split, which leaves train and validation data as they are either way.
+    test_sequences: int = 0
     max_documents: int | None = None  # cap on documents read (quick experiments)
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1 or self.val_sequences < 1:
             raise ValueError("seq_len must be >= 2, batch_size and val_sequences >= 1")
+        if self.test_sequences < 0:
+            raise ValueError(f"test_sequences must be >= 0 (0 = no test split), got {self.test_sequences}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.source != "stdlib" and not self.paths:
@@ -207,6 +212,9 @@ def identity(cfg: Config) -> dict:
     # leaving it out keeps those runs' names and resume checks.
     if d["model"].get("head_multiple") == 1:
         del d["model"]["head_multiple"]
+    # Likewise no test split (test_sequences=0), the only behaviour before the field existed.
+    if d["data"].get("test_sequences") == 0:
+        del d["data"]["test_sequences"]
     for key in NOT_IDENTITY:
         section, _, field = key.partition(".")
         if field:

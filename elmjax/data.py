@@ -249,24 +249,42 @@ def train_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: in
 
 def validation_set(cfg: DataConfig) -> ValidationSet:
     """The first ``val_sequences`` packed rows of the validation split, with their byte counts."""
+    return _held_out(cfg, 0, cfg.val_sequences, "data.val_sequences")
+
+
+def test_set(cfg: DataConfig) -> ValidationSet | None:
+    """The ``test_sequences`` packed rows right after the validation rows (None when ``test_sequences`` is 0).
+
+    Taken from the same held-out documents, after the validation rows, so
+    train and validation data stay exactly what they are without a test
+    split, and no target token is shared between them (packed rows overlap
+    by one input token, as consecutive training rows do).
+    """
+    if not cfg.test_sequences:
+        return None
+    return _held_out(cfg, cfg.val_sequences, cfg.test_sequences, "data.val_sequences + data.test_sequences")
+
+
+def _held_out(cfg: DataConfig, start: int, count: int, key: str) -> ValidationSet:
+    end = start + count
     if cfg.source == "arrayrecord":
         packed = _packed_dirs(cfg)
         source = _array_records(packed.val_files)
-        if len(source) < cfg.val_sequences:
-            raise _too_small(cfg, "validation", len(source) * cfg.seq_len + 1, cfg.val_sequences, "data.val_sequences")
+        if len(source) < end:
+            raise _too_small(cfg, "validation", len(source) * cfg.seq_len + 1, end, key)
         decode = _DecodeRow(packed.manifest["dtype"])
-        tokens = np.stack([decode(source[i]) for i in range(cfg.val_sequences)])
-        row_bytes = packed.val_row_bytes[: cfg.val_sequences].astype(np.float64)
+        tokens = np.stack([decode(source[i]) for i in range(start, end)])
+        row_bytes = packed.val_row_bytes[start:end].astype(np.float64)
     else:
         streams = _in_memory_streams(cfg)
         table = pack(streams.val, cfg.seq_len)
-        if len(table) < cfg.val_sequences:
-            raise _too_small(cfg, "validation", len(streams.val), cfg.val_sequences, "data.val_sequences")
-        tokens = np.array(table[: cfg.val_sequences], dtype=np.int32)
-        row_bytes = row_target_bytes(streams.val_weights, cfg.seq_len, cfg.val_sequences)
+        if len(table) < end:
+            raise _too_small(cfg, "validation", len(streams.val), end, key)
+        tokens = np.array(table[start:end], dtype=np.int32)
+        row_bytes = row_target_bytes(streams.val_weights, cfg.seq_len, end)[start:]
     tokens.setflags(write=False)
     row_bytes.setflags(write=False)
-    bpt = float(row_bytes.sum() / (cfg.val_sequences * cfg.seq_len))
+    bpt = float(row_bytes.sum() / (count * cfg.seq_len))
     return ValidationSet(tokens=tokens, row_bytes=row_bytes, bytes_per_token=bpt)
 
 

@@ -31,7 +31,7 @@ from elmjax import config_io, run_dir as rd, tb_log
 from elmjax.checkpoint import Checkpointer
 from elmjax.cli import cli_logging
 from elmjax.config import Config, identity
-from elmjax.data import batch_fingerprint, tokenizer_spec, train_iterator, validation_set, vocab_size
+from elmjax.data import batch_fingerprint, test_set, tokenizer_spec, train_iterator, validation_set, vocab_size
 from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
@@ -170,6 +170,7 @@ def _check_shapes(config: Config, mesh) -> None:
     # path, field or empty corpus fails in seconds, before any compilation.
     train_iterator(config.data, process_index=jax.process_index(), process_count=jax.process_count())
     validation_set(config.data)
+    test_set(config.data)  # a test split the held-out data cannot fill fails now, not after training
     check_batch(config, mesh)
     data_vocab = vocab_size(config.data)
     if data_vocab > config.model.vocab_size:
@@ -209,9 +210,9 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     )
 
 
-def evaluate(session: _Session, params) -> dict:
-    """Validation loss, perplexity, bits per byte and top-1 accuracy in float32."""
-    val = validation_set(session.config.data)
+def evaluate(session: _Session, params, held=None, prefix: str = "val") -> dict:
+    """Loss, perplexity, bits per byte and top-1 accuracy in float32 on ``held`` (default: the validation set)."""
+    val = validation_set(session.config.data) if held is None else held
     rows = val.tokens
     chunk = max(session.config.data.batch_size, batch_divisor(session.mesh))
     pad = (-len(rows)) % chunk
@@ -226,11 +227,24 @@ def evaluate(session: _Session, params) -> dict:
             sums[k] += float(out[k])
     loss = sums["nll"] / sums["count"]
     return {
-        "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 700.0)),
-        "val_bpb": loss / math.log(2) / val.bytes_per_token,
-        "val_acc": sums["correct"] / sums["count"],
+        f"{prefix}_loss": loss,
+        f"{prefix}_ppl": math.exp(min(loss, 700.0)),
+        f"{prefix}_bpb": loss / math.log(2) / val.bytes_per_token,
+        f"{prefix}_acc": sums["correct"] / sums["count"],
     }
+
+
+def held_out_final(session: _Session, params) -> dict:
+    """Test metrics (scored once, at the end) and the fingerprints of both held-out splits for final.json.
+
+    Sweeps check that every run saw the same splits through these fingerprints.
+    """
+    data = session.config.data
+    out = {"val_fingerprint": batch_fingerprint(validation_set(data).tokens)}
+    test = test_set(data)
+    if test is not None:
+        out.update(evaluate(session, params, test, "test"), test_fingerprint=batch_fingerprint(test.tokens))
+    return out
 
 
 def _global(array: np.ndarray, sharding) -> jax.Array:
@@ -409,6 +423,7 @@ class _Loop:
             "params": counts.total,
             "non_embedding_params": counts.non_embedding,
             "flops_per_token": self.s.flops_per_token,
+            **held_out_final(self.s, self.s.state.params),
         }
         if self.lead:
             rd.write_final(self.path, final)

@@ -14,6 +14,7 @@ A grid is a YAML mapping::
     exclude: [{allocation: mine, seed: 1}]          # drop matching cells
     match: {tolerance: 0.01, twin: width, width_multiple: auto, kind: params}
     eval: {tasks: [sweeps/tasks/close_bracket.jsonl]}  # score every finished run (sweeps.evals)
+    tune: {axis: optimizer.lr, values: [1e-3, 2e-3, 4e-3], seeds: [100]}  # tuned per cell (sweeps.tune_grid)
 
 First-class axes: ``allocation`` (or ``alpha`` / ``beta`` / ``schedule``,
 which build arms from bounds), ``budget``, ``tokens``, ``num_layers``,
@@ -37,8 +38,9 @@ from sweeps.axes import ARM_PARTS, SWEEP_OWNED, Axis, check_conflicts, parse_axi
 from sweeps.evals import EvalSpec, check_tasks
 from sweeps.expand import check_duplicates, parse_exclude, parse_zip
 from sweeps.problems import GridError, Problems
+from sweeps.tune_grid import TuneSpec, parse_tune
 
-TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match", "eval")
+TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match", "eval", "tune")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Grid:
     match: Match
     budget_kind: str | None
     eval: EvalSpec = EvalSpec()  # downstream tasks scored on every finished run
+    tune: TuneSpec | None = None  # a setting tuned per cell before the main runs (sweeps.tune)
 
     def axis(self, name: str) -> Axis | None:
         return next((a for a in self.axes if a.name == name), None)
@@ -107,10 +110,12 @@ def load_grid(path: str | Path) -> Grid:
     check_duplicates(axes, zips, errors)
     excludes = parse_exclude(raw.get("exclude", []), axes, errors)
     evals = _parse_eval(raw.get("eval", {}), errors)
+    tune = parse_tune(raw.get("tune"), axes, base, errors,
+                      lambda p, v: _config_error(config_io.set_dotted(_probe(base, axes), Config, p, v)))
     errors.raise_if_any()
     budget = next((a for a in axes if a.kind == "budget"), None)
     return Grid(str(path), name, path.read_text(), base, axes, zips, excludes, match,
-                budget.unit if budget else None, evals)
+                budget.unit if budget else None, evals, tune)
 
 
 def _parse_eval(value, errors: Problems) -> EvalSpec:

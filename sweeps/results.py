@@ -19,7 +19,7 @@ from elmjax.config_io import ConfigError, atomic_write
 from sweeps.evals import eval_columns
 from sweeps.locks import FileLock, holder
 from sweeps.plan import read_plan
-from sweeps.rows import PLAN_COLUMNS, RUN_COLUMNS
+from sweeps.rows import HELD_OUT_COLUMNS, PLAN_COLUMNS, RUN_COLUMNS
 
 PARQUET, CSV = "results.parquet", "results.csv"
 _LOCK = ".results.lock"
@@ -50,6 +50,7 @@ def run_columns(run_dir: Path) -> dict:
     final = final or {}
     out = {"status": state, "error": error,
            **{k: final.get(k) for k in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s")},
+           **{k: final.get(k) for k in HELD_OUT_COLUMNS},
            "final_step": final.get("step"), "tokens_seen": final.get("tokens")}
     if state == "done":
         out.update(eval_columns(run_dir))  # eval.<task>.acc / acc_norm of the grid's eval tasks
@@ -80,7 +81,7 @@ def build_table(sweep_dir: str | Path):
     for col in _INT_COLUMNS:
         if col in df:
             df[col] = df[col].astype("Int64")
-    for col in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s"):
+    for col in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s", "test_loss", "test_bpb"):
         df[col] = df[col].astype("float64")
     return df
 

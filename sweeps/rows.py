@@ -22,6 +22,9 @@ PLAN_COLUMNS = (
 )
 RUN_COLUMNS = ("status", "error", "val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss",
                "final_step", "tokens_seen", "wall_time_s")
+# final.json's test-split metrics (empty without data.test_sequences) and the fingerprints of both
+# held-out splits, which must be the same for every run of a sweep (analysis.splits checks).
+HELD_OUT_COLUMNS = ("test_loss", "test_bpb", "val_fingerprint", "test_fingerprint")
 
 
 def model_columns(cfg: Config) -> dict:

@@ -29,6 +29,7 @@ from sweeps.plan import PLAN_FILE, build_plan, format_table
 from sweeps.preflight import add_arguments as add_preflight_arguments, run_preflight
 from sweeps.results import CSV, PARQUET, read_run_status
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
+from sweeps.tune import describe, plan_stage, run_tuned
 
 SWEEP_MARKERS = (PLAN_FILE, GRID_COPY)  # a directory holding either is a sweep (a killed first start leaves only grid.yaml)
 
@@ -77,6 +78,17 @@ def _check_out(sweep_dir: Path, force: bool) -> None:
                           "choose another directory, or pass --force to write the sweep into it anyway")
 
 
+def _dry_run_tuned(grid, runs, shard) -> int:
+    stage = plan_stage(grid, runs, None)
+    print(describe(grid, stage, runs))
+    print("\nstage 1: tuning runs")
+    mine = shard.select(stage.tune_runs) if shard else stage.tune_runs
+    print(format_table(mine))
+    print(f"\nstage 2: main runs (shown at the base {grid.tune.axis}; each cell trains at its chosen value)")
+    print(format_table(runs))
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -90,6 +102,8 @@ def main(argv=None) -> int:
     if args.preflight:
         return run_preflight(runs, args.devices, args.accelerator, args.hbm_gib)
     if args.dry_run:
+        if grid.tune is not None:
+            return _dry_run_tuned(grid, runs, shard)
         mine = shard.select(runs) if shard else runs
         print(format_table(mine))
         if shard:
@@ -98,7 +112,8 @@ def main(argv=None) -> int:
     sweep_dir = Path(args.out) if args.out else Path("runs") / grid.name
     try:
         _check_out(sweep_dir, args.force)
-        located = prepare(grid, runs, sweep_dir)
+        # A tuned sweep plans its runs stage by stage (sweeps.tune); the rest is planned up front.
+        located = prepare(grid, runs, sweep_dir) if grid.tune is None else []
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,12 +122,18 @@ def main(argv=None) -> int:
         return 2
     todo = shard.select(located) if shard else located
     where = f", {shard}: {len(todo)} of them" if shard else ""
-    print(f"sweep '{grid.name}': {len(runs)} runs in {sweep_dir}{where}")
+    tuned = f" (+ tuning runs of {grid.tune.axis} first; see tune.json)" if grid.tune is not None else ""
+    print(f"sweep '{grid.name}': {len(runs)} runs{tuned} in {sweep_dir}{where}")
     opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=not args.no_progress,
                    stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
                    shard_index=shard.index if shard else -1, eval=grid.eval)
     try:
-        summary = run_sweep(todo, sweep_dir, opts)
+        if grid.tune is not None:
+            summary = run_tuned(grid, runs, sweep_dir, opts, shard.select if shard else (lambda r: r))
+            final = prepare(grid, plan_stage(grid, runs, sweep_dir).runs, sweep_dir)
+            todo = shard.select(final) if shard else final
+        else:
+            summary = run_sweep(todo, sweep_dir, opts)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'SIGINT'}); rerun the same command to resume", file=sys.stderr)
         return 130
