@@ -19,7 +19,12 @@ class SFTConfig:
     truncation: Literal["drop", "right", "left"] = "right"
     add_eos: bool = True  # end every example with the tokenizer's EOS (trained on as an assistant token)
     train_on_prompt: bool = False  # loss on every token, not only assistant turns
+    # Malformed lines tolerated (each logged with file:line and reason, then
+    # dropped and counted in final.json); more than this stops the run.
+    max_invalid: int = 0
 
     def __post_init__(self):
+        if self.max_invalid < 0:
+            raise ValueError(f"max_invalid must be >= 0, got {self.max_invalid}")
         if not self.template:
             raise ValueError("template must be 'default', a Jinja template or a template file path")
