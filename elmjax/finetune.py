@@ -163,6 +163,8 @@ class _FinetuneLoop(_Loop):
         adapters = jax.device_get(self.s.state.params)
         extra = {"peft_method": self.ft.peft.method, "adapter_params": peft.count_params(adapters),
                  "init_from": self.ft.init_from}
+        if self.sft is not None:
+            extra.update({f"sft_{k}": v for k, v in self.sft.stats.items()})
         if self.lead:
             save_adapters(self.path / ADAPTER_DIR, adapters, self.ft.peft, self.base_model.cfg,
                           base_name=self.ft.init_from)

@@ -210,7 +210,9 @@ def load_sft(cfg: SFTConfig, data: DataConfig) -> SFTData:
         log.warning("%d example(s) longer than %d tokens were %s (sft.truncation=%s)", too_long, width,
                     "dropped" if cfg.truncation == "drop" else "cut", cfg.truncation)
     if len(encoded) < 2:
-        raise SFTDataError(f"sft.paths: {len(encoded)} usable example(s); need at least 2 (one held out)")
+        raise SFTDataError(f"sft.paths: {len(encoded)} usable example(s) of {len(conversations)}; need at least 2 "
+                           f"(one held out); {too_long} exceed data.seq_len + 1 = {width} tokens and an example "
+                           "whose assistant tokens are all cut away is unusable")
     order = np.random.default_rng(data.seed).permutation(len(encoded))
     n_val = min(len(encoded) - 1, max(1, math.ceil(data.val_fraction * len(encoded))))
     val_rows = pack([encoded[i] for i in order[:n_val]], width)[: data.val_sequences]

@@ -102,3 +102,20 @@ def test_missing_init_from_is_a_config_error(tmp_path):
     cfg.write_text(f"init_from: {tmp_path / 'nowhere'}\nrun_dir: {tmp_path / 'r'}\n")
     out = subprocess.run([sys.executable, "-m", "elmjax.finetune", str(cfg)], capture_output=True, text=True)
     assert out.returncode == 2 and "nowhere" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sft_run_trains_on_chat_data(base, tmp_path):
+    import json
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"add {i} and 1"},
+                                      {"role": "assistant", "content": str(i + 1)}]}) for i in range(30)]
+    lines.insert(3, '{"prompt": "no completion"}')
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(lines) + "\n")
+    d = tmp_path / "sft"
+    result = finetune(ft_config(base, d, f"sft.paths=[{chat}]", "sft.max_invalid=1", "train.steps=4",
+                                "peft.method=lora", "data.val_sequences=2", "data.seq_len=64"))
+    f = result.final
+    assert result.state == "done" and f["sft_examples"] == 30 and f["sft_malformed"] == 1
+    assert f["sft_used"] == 30 and np.isfinite(f["val_loss"])
+    assert (d / "adapter" / "adapter_config.json").exists()
