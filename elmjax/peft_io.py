@@ -195,14 +195,21 @@ def _expected_shapes(cfg: PeftConfig, model_cfg: ModelConfig, layers) -> dict[st
     return out
 
 
-def export_merged(model, adapters: dict, cfg: PeftConfig, path: str | Path, *, tokenizer=None,
-                  dtype: str = "float32") -> Path:
-    """Fold ``adapters`` into ``model``'s weights and write a Hub-layout
-    OpenELM directory (``elmjax.hf_interop.save_pretrained``)."""
-    from elmjax.hf_interop import save_pretrained
+def with_adapters(model, adapters: dict, cfg: PeftConfig):
+    """A model whose weights are ``model``'s with the adapters applied (W' of
+    ``elmjax.peft``); ``model`` is unchanged."""
     from elmjax.peft import merge
 
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     nnx.replace_by_pure_dict(state, merge(params, adapters, cfg))
-    return save_pretrained(nnx.merge(graphdef, state), path, tokenizer=tokenizer, dtype=dtype)
+    return nnx.merge(graphdef, state)
+
+
+def export_merged(model, adapters: dict, cfg: PeftConfig, path: str | Path, *, tokenizer=None,
+                  dtype: str = "float32") -> Path:
+    """Fold ``adapters`` into ``model``'s weights and write a Hub-layout
+    OpenELM directory (``elmjax.hf_interop.save_pretrained``)."""
+    from elmjax.hf_interop import save_pretrained
+
+    return save_pretrained(with_adapters(model, adapters, cfg), path, tokenizer=tokenizer, dtype=dtype)

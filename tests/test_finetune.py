@@ -119,3 +119,28 @@ def test_sft_run_trains_on_chat_data(base, tmp_path):
     assert result.state == "done" and f["sft_examples"] == 30 and f["sft_malformed"] == 1
     assert f["sft_used"] == 30 and np.isfinite(f["val_loss"])
     assert (d / "adapter" / "adapter_config.json").exists()
+
+
+def test_evaluate_base_adapted_and_merged(base, reference, tmp_path):
+    """elmjax.evaluate scores the base, the adapted (unmerged) model and the
+    merged export; adapted and merged agree with final.json's 'after'."""
+    import json
+
+    from elmjax.evaluate import main as evaluate_main
+    from elmjax.peft_io import export_merged
+
+    _, ref = reference
+    f = rd.read_final(ref)
+    base_model = load_model(base)
+    adapters, cfg = load_adapters(ref / "adapter", base_model.cfg)
+    export_merged(base_model, adapters, cfg, tmp_path / "merged", tokenizer="byte")
+    scores = {}
+    for name, args in {"base": ["--checkpoint", str(base)],
+                       "adapted": ["--checkpoint", str(base), "--adapter", str(ref / "adapter")],
+                       "merged": ["--checkpoint", str(tmp_path / "merged")]}.items():
+        out = tmp_path / f"{name}.json"
+        assert evaluate_main([*args, "--tasks", TASK, "--out", str(out)]) == 0
+        scores[name] = json.loads(out.read_text())["tasks"]["block_colon"]
+    assert scores["base"]["acc"] == f["eval_before"]["eval.block_colon.acc"]
+    assert scores["adapted"]["acc"] == scores["merged"]["acc"] == f["eval_after"]["eval.block_colon.acc"]
+    assert scores["adapted"]["acc_norm"] == scores["merged"]["acc_norm"]
