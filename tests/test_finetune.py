@@ -144,3 +144,10 @@ def test_evaluate_base_adapted_and_merged(base, reference, tmp_path):
     assert scores["base"]["acc"] == f["eval_before"]["eval.block_colon.acc"]
     assert scores["adapted"]["acc"] == scores["merged"]["acc"] == f["eval_after"]["eval.block_colon.acc"]
     assert scores["adapted"]["acc_norm"] == scores["merged"]["acc_norm"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "elmjax" / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_finetune_config_parses(path):
+    cfg = config_io.load(FinetuneConfig, path)
+    assert config_io.from_dict(FinetuneConfig, config_io.to_dict(cfg)) == cfg
+    assert cfg.total_steps >= 1 and cfg.optimizer.lr <= 1e-3
