@@ -80,7 +80,10 @@ class _FinetuneLoop(_Loop):
     def __init__(self, ft: FinetuneConfig, path: Path, ckpt: Checkpointer, stop, progress_callback, lead: bool):
         self.ft = ft
         self.base_model = load_model(ft.init_from)
-        config = ft.training(self.base_model.cfg)
+        try:
+            config = ft.training(self.base_model.cfg)
+        except ValueError as e:
+            raise ConfigError(f"{e} (the base model is {ft.init_from})") from None
         self.sft = None
         if ft.sft.paths:
             from elmjax.sft_data import load_sft

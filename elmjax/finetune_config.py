@@ -7,6 +7,7 @@ model is not configured here: it is whatever ``init_from`` holds. Pure Python.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from elmjax.config import (NOT_IDENTITY, CheckpointConfig, Config, DataConfig, ExecutionConfig, MeshConfig,
@@ -53,7 +54,9 @@ class FinetuneConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.training(ModelConfig(max_context_length=self.data.seq_len)).total_steps
+        if self.train.steps is not None:
+            return self.train.steps
+        return max(1, math.ceil(self.train.tokens / (self.data.batch_size * self.data.seq_len)))
 
     def training(self, model: ModelConfig) -> Config:
         """The training Config the step loop runs (``elmjax.train``), for the base ``model``."""

@@ -172,9 +172,12 @@ class RowIterator:
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int):
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.index = 0, 0
+        self._cached: tuple[int, np.ndarray] | None = None
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows)))
+        return self._cached[1]
 
     def __next__(self) -> np.ndarray:
         picked = []
