@@ -108,7 +108,7 @@ def test_truncation_policies_and_stats(tmp_path):
 
 
 def test_packed_examples_cannot_attend_across_boundaries():
-    cfg = ModelConfig(num_layers=2, model_dim=32, head_dim=8, num_gqa_groups=2, ffn_dim_divisor=8, vocab_size=61)
+    cfg = ModelConfig(num_layers=1, model_dim=32, head_dim=8, num_gqa_groups=2, ffn_dim_divisor=8, vocab_size=61)
     model = OpenELM(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     ex1, ex2 = rng.integers(0, 61, 5), rng.integers(0, 61, 4)
