@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="byte | sentencepiece:PATH | hf:PATH (default: the checkpoint's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--token-budget", type=positive_int, default=None, help="tokens per scoring batch (memory vs speed)")
+    p.add_argument("--adapter", default=None, help="apply the LoRA/DoRA adapter in this PEFT-layout directory (elmjax.peft_io)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     from elmjax.generate import load_for_inference, user_errors
@@ -170,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out and Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: is a directory; give the path of the JSON file to write")
         model, tok = load_for_inference(args.checkpoint, args.tokenizer, args.dtype)
+        if args.adapter:
+            from elmjax.peft_io import load_adapters, with_adapters
+
+            model = with_adapters(model, *load_adapters(args.adapter, model.cfg))
         results = evaluate_tasks(model, tok, args.tasks, token_budget=args.token_budget, progress=True)
         print(format_table(results))
         if args.out:

@@ -119,11 +119,11 @@ class Attention(nnx.Module):
         attn_BLKGE = constrain(attn_BLKGE, ("batch", "length", "kv_heads", None, "head_dim"))
         return jnp.einsum("blkge,kged->bld", attn_BLKGE, self.out_KGED[...].astype(attn_BLHE.dtype))
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array | None = None) -> jax.Array:
         q, k, v = self.project(x_BLD, positions_BL)
         # Every implementation groups query head h with kv head h // G,
         # which is OpenELM's repeat_interleave order.
-        attn_BLHE = attend(q, k, v, causal=True, scale=self.head_dim**-0.5, impl=self.impl)
+        attn_BLHE = attend(q, k, v, causal=True, mask=mask_B1LL, scale=self.head_dim**-0.5, impl=self.impl)
         return self.output(attn_BLHE)
 
     def attend_cached(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
@@ -166,8 +166,8 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
         self.ffn = FeedForward(cfg, layout, rngs)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array | None = None) -> jax.Array:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
         return x_BLD + self.ffn(self.ffn_norm(x_BLD))
 
     def decode(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
@@ -176,8 +176,8 @@ class DecoderLayer(nnx.Module):
         return x_BLD + self.ffn(self.ffn_norm(x_BLD)), cache
 
 
-def _run_layer(layer: DecoderLayer, x_BLD, positions_BL):
-    return layer(x_BLD, positions_BL)
+def _run_layer(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
+    return layer(x_BLD, positions_BL, mask_B1LL)
 
 
 # Rematerialise each decoder layer: activations are recomputed in the backward
@@ -217,19 +217,27 @@ class OpenELM(nnx.Module):
             out = jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(out, LOGITS)
 
-    def hidden(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
-        """The last layer's output [B, L, D], before the final norm and head."""
+    def hidden(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """The last layer's output [B, L, D], before the final norm and head.
+
+        ``segment_ids_BL`` (packed sequences): a token attends only to earlier
+        tokens with the same id, so packed examples never see each other."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        mask_B1LL = None
+        if segment_ids_BL is not None:
+            mask_B1LL = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
         x_BLD = self.embed(tokens_BL)
         run = _run_layer_remat if self.remat else _run_layer
         for layer in self.layers:
-            x_BLD = constrain(run(layer, x_BLD, positions_BL), HIDDEN)
+            x_BLD = constrain(run(layer, x_BLD, positions_BL, mask_B1LL), HIDDEN)
         return x_BLD
 
-    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
-        """Float32 logits [B, L, V] for token ids [B, L] (causal)."""
-        return self.logits(self.hidden(tokens_BL, positions_BL))
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, *,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, L, V] for token ids [B, L] (causal; see ``hidden`` for ``segment_ids``)."""
+        return self.logits(self.hidden(tokens_BL, positions_BL, segment_ids))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
         """Zeroed per-layer caches; each layer has its own kv head count."""

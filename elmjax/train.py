@@ -67,8 +67,10 @@ def setup_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _prepare_run_dir(config: Config) -> Path | None:
+def _prepare_run_dir(config: Config, identity_fn=identity) -> Path | None:
     """Check a resumed directory belongs to this config; None if already done.
+    (``identity_fn``: what identifies a run of ``config``'s class; fine-tuning
+    passes its own.)
 
     A directory whose earlier attempt never saved a checkpoint (e.g. it failed
     during setup) holds nothing to resume, so a corrected config replaces its
@@ -78,9 +80,9 @@ def _prepare_run_dir(config: Config) -> Path | None:
         raise config_io.ConfigError(f"run_dir: {path} is a file, not a directory")
     saved = path / "config.yaml"
     if saved.exists():
-        old = config_io.load(Config, saved)
-        if identity(old) != identity(config):
-            changed = config_io.differences(identity(old), identity(config))
+        old = config_io.load(type(config), saved)
+        if identity_fn(old) != identity_fn(config):
+            changed = config_io.differences(identity_fn(old), identity_fn(config))
             if _has_checkpoint(path) or rd.read_final(path) is not None:
                 raise config_io.ConfigError(
                     f"{saved}: this run directory holds a run with a different config ({changed}); "
@@ -217,7 +219,7 @@ def evaluate(session: _Session, params, held=None, prefix: str = "val") -> dict:
     chunk = max(session.config.data.batch_size, batch_divisor(session.mesh))
     pad = (-len(rows)) % chunk
     weights = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
-    rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])
+    rows = np.concatenate([rows, np.zeros((pad, *rows.shape[1:]), rows.dtype)])
     sums = {"nll": 0.0, "correct": 0.0, "count": 0.0}
     for i in range(0, len(rows), chunk):
         batch = _global(rows[i : i + chunk], session.batch_sharding)
@@ -271,7 +273,7 @@ class _Loop:
         cfg = session.config
         self.cfg = cfg
         self.total = cfg.total_steps
-        self.data = train_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+        self.data = self._open_data()
         self.wall_prev = 0.0
         if session.data_state is not None:
             self.data.set_state(session.data_state["iterator"])
@@ -290,6 +292,14 @@ class _Loop:
         self.stopping = False
         self.t0 = time.time()
         self.window_start = (session.start_step, time.time())
+
+    def _open_data(self):
+        """The training batch iterator (fine-tuning overrides it for chat data)."""
+        return train_iterator(self.cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+
+    def _final_extra(self, step: int) -> dict:
+        """More final.json fields: the held-out test split (fine-tuning adds adapter counts and task scores instead)."""
+        return held_out_final(self.s, self.s.state.params)
 
     def run(self) -> RunResult:
         from tqdm.auto import tqdm
@@ -423,7 +433,7 @@ class _Loop:
             "params": counts.total,
             "non_embedding_params": counts.non_embedding,
             "flops_per_token": self.s.flops_per_token,
-            **held_out_final(self.s, self.s.state.params),
+            **self._final_extra(step),
         }
         if self.lead:
             rd.write_final(self.path, final)
