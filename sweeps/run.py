@@ -64,6 +64,12 @@ def _check_flags(args) -> None:
                           "(a shorter timeout lets a second driver take the lock of a run that is still training)")
 
 
+def _is_sweep(sweep_dir: Path) -> bool:
+    """A marker, or a marker being written: another process of a multi-host sweep
+    may be in the middle of its atomic write (a '.grid.yaml.*.tmp' file) right now."""
+    return any((sweep_dir / f).exists() or any(sweep_dir.glob(f".{f}.*.tmp")) for f in SWEEP_MARKERS)
+
+
 def _check_out(sweep_dir: Path, force: bool) -> None:
     """Refuse a sweep directory that would overwrite something that is not a sweep (results.csv, report/ ...)."""
     for parent in [sweep_dir, *sweep_dir.parents]:
@@ -71,7 +77,7 @@ def _check_out(sweep_dir: Path, force: bool) -> None:
             if not parent.is_dir():
                 raise ConfigError(f"sweep directory {sweep_dir}: {parent} is a file, not a directory")
             break
-    if not sweep_dir.is_dir() or force or any((sweep_dir / f).exists() for f in SWEEP_MARKERS):
+    if not sweep_dir.is_dir() or force or _is_sweep(sweep_dir):
         return
     if any(sweep_dir.iterdir()):
         raise ConfigError(f"sweep directory {sweep_dir}: an existing non-empty directory that is not a sweep (no {PLAN_FILE}); "

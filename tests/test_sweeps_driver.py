@@ -326,3 +326,20 @@ def test_out_that_is_not_a_sweep_is_refused_without_writing_anything(tmp_path, c
     assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report", "--force"]) == 0
     assert (busy / "plan.json").exists() and (busy / "report" / "notes.md").read_text() == "mine"
     assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report"]) == 0
+
+
+def test_a_sweep_whose_first_marker_is_still_being_written_is_not_refused(tmp_path, capsys, monkeypatch):
+    """Process 1 of a multi-host sweep can look while process 0 is mid-way through
+    the atomic write of grid.yaml: only its temporary file exists. That is a sweep
+    starting, not someone else's directory (the two-process test caught the race)."""
+    from sweeps.driver import Summary
+
+    monkeypatch.setattr(run, "run_sweep", lambda *a, **k: Summary())
+    grid = write_grid(tmp_path / "g.yaml", {"seed": [0]})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".grid.yaml.x1y2.tmp").write_text("half")
+    assert run.main([str(grid), "--out", str(out), "--no-progress", "--no-report"]) == 0, capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".notes.md.tmp").write_text("mine")  # not a sweep marker: still refused
+    assert run.main([str(grid), "--out", str(tmp_path / "other"), "--no-progress", "--no-report"]) == 2
