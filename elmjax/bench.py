@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from elmjax.config import Config, MeshConfig, OptimizerConfig, TrainConfig
+from elmjax.config import Config, ExecutionConfig, MeshConfig, OptimizerConfig, TrainConfig
 from elmjax.hardware import mfu
 from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
 from elmjax.model_config import ModelConfig, preset
@@ -57,12 +57,13 @@ class _Arm:
     num_devices: int
 
 
-def _compile(cfg: ModelConfig, batch: int, seq_len: int) -> _Arm:
+def _compile(cfg: ModelConfig, execution: ExecutionConfig, batch: int, seq_len: int) -> _Arm:
     mesh = make_mesh(MeshConfig(data=-1))
-    config = Config(model=cfg, optimizer=OptimizerConfig(warmup_steps=2), train=TrainConfig(steps=1000))
+    config = Config(model=cfg, optimizer=OptimizerConfig(warmup_steps=2), train=TrainConfig(steps=1000),
+                    execution=execution)
     layout = state_layout(config, mesh)
     state = jax.jit(layout.create, out_shardings=layout.shardings)()
-    graphdef, _ = abstract_model(cfg)
+    graphdef, _ = abstract_model(cfg, **execution.model_kwargs)
     step = make_train_step(graphdef, layout.optimizer, lr_schedule(config.optimizer, config.total_steps),
                            z_loss=0.0, grad_accum=1)
     bsh = batch_sharding(mesh)
@@ -93,9 +94,10 @@ def _time(compiled, state, tokens, steps: int):
     return time.perf_counter() - t0, state
 
 
-def bench(cfg: ModelConfig, batch: int, seq_len: int, steps: int, rounds: int) -> dict[str, dict]:
+def bench(cfg: ModelConfig, execution: ExecutionConfig, batch: int, seq_len: int, steps: int,
+          rounds: int) -> dict[str, dict]:
     arms = {"layer-wise": cfg, "uniform": uniform_twin(cfg)}
-    ready = {name: _compile(c, batch, seq_len) for name, c in arms.items()}
+    ready = {name: _compile(c, execution, batch, seq_len) for name, c in arms.items()}
     seconds = {name: 0.0 for name in arms}
     for _ in range(rounds):  # alternate so drift and noise hit both arms
         for name, arm in ready.items():
@@ -109,7 +111,7 @@ def bench(cfg: ModelConfig, batch: int, seq_len: int, steps: int, rounds: int) -
         out[name] = {
             "params": param_counts(c).total,
             "tokens_per_s": tps,
-            "mfu": mfu(flops, tps, arm.num_devices, c.dtype),
+            "mfu": mfu(flops, tps, arm.num_devices, execution.dtype),
             "compile_s": arm.compile_s,
             "peak_bytes": _peak_memory(arm.compiled),
             "q_heads": [x.q_heads for x in layer_layout(c)],
@@ -129,9 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--remat", action="store_true")
     args = p.parse_args(argv)
     cfg = preset(args.preset) if args.preset else SMALL
-    cfg = cfg.replace(dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"), remat=args.remat)
-    res = bench(cfg, args.batch, args.seq_len, args.steps, args.rounds)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  dtype {cfg.dtype}  batch {args.batch}  seq_len {args.seq_len}")
+    execution = ExecutionConfig(dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"),
+                                remat=args.remat)
+    res = bench(cfg, execution, args.batch, args.seq_len, args.steps, args.rounds)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  dtype {execution.dtype}  "
+          f"batch {args.batch}  seq_len {args.seq_len}")
     for name, r in res.items():
         mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"

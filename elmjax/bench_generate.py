@@ -30,13 +30,13 @@ MODELS = {
 }
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> OpenELM:
+def random_model(cfg: ModelConfig, seed: int = 0, dtype: str = "float32") -> OpenELM:
     """An OpenELM with numpy-drawn weights at the model's own init scales.
 
     Same distribution as ``OpenELM(cfg, rngs=...)`` but without JAX's RNG:
     compiling threefry for every parameter shape costs seconds on CPU, which
     dominates small benchmarks and tests."""
-    abstract = nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
     std = cfg.model_dim**-0.5
@@ -92,8 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  dtype: {args.dtype}  prompt: {prompt_len} tokens")
     print(f"{'model':<14} {'batch':>5} {'new':>4} {'cached tok/s':>13} {'recompute tok/s':>16} {'ratio':>7} {'agree':>6}")
     for name in args.models:
-        cfg = MODELS[name]().replace(dtype=args.dtype)
-        model = random_model(cfg)
+        model = random_model(MODELS[name](), dtype=args.dtype)
         # The recompute baseline is quadratic; keep the big model's run short.
         new = args.new_tokens or (32 if args.quick else 64) // (2 if name != "small" else 1)
         for batch in args.batches:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from elmjax.model_config import ModelConfig
 
@@ -58,19 +58,19 @@ class OptimizerConfig:
 class TrainConfig:
     steps: int | None = None  # optimizer steps; or give 'tokens'
     tokens: int | None = None  # training tokens; steps = ceil(tokens / (batch * seq_len))
-    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
     seed: int = 0  # parameter init seed
     log_every: int = 10
     eval_every: int = 100  # and always at the end
     progress: bool = True  # tqdm progress bar
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"grad_accum": "execution.grad_accum"}
 
     def __post_init__(self):
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of train.steps or train.tokens")
         if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < 1):
             raise ValueError("train.steps / train.tokens must be >= 1")
-        if self.grad_accum < 1 or self.log_every < 1 or self.eval_every < 1:
-            raise ValueError("grad_accum, log_every and eval_every must be >= 1")
+        if self.log_every < 1 or self.eval_every < 1:
+            raise ValueError("log_every and eval_every must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,29 @@ class CheckpointConfig:
     every: int = 100  # steps between saves (also at the end and on SIGTERM/SIGINT)
     keep: int = 2  # most recent checkpoints kept
     async_save: bool = True
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How a run executes, not what it computes: none of this is part of a
+    run's identity, so a run (or a whole sweep) can resume with remat on, with
+    more micro-batches, in another dtype or on another machine. Results agree
+    up to floating-point rounding (bfloat16 changes them more than that: keep
+    it fixed within a comparison)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls; parameters stay float32
+    remat: bool = False  # recompute each layer in the backward pass
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
+    attention: Literal["xla"] = "xla"  # attention implementation
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+    @property
+    def model_kwargs(self) -> dict:
+        """The keywords ``OpenELM`` takes from this section."""
+        return {"dtype": self.dtype, "remat": self.remat, "attention": self.attention}
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     run_dir: str = "runs/default"
     name: str = ""
@@ -112,9 +136,10 @@ class Config:
     compilation_cache: str = "~/.cache/elmjax/xla"
 
     def __post_init__(self):
-        if self.data.batch_size % self.train.grad_accum:
+        if self.data.batch_size % self.execution.grad_accum:
             raise ValueError(
-                f"data.batch_size ({self.data.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})"
+                f"data.batch_size ({self.data.batch_size}) must be divisible by execution.grad_accum "
+                f"({self.execution.grad_accum})"
             )
 
     @property
@@ -132,10 +157,10 @@ class Config:
 
 
 # Fields that do not change what a run computes: where it lives, and what may
-# change when it resumes (mesh shape, checkpointing, logging cadence). A run
-# directory is resumed only by a config with the same identity, and sweeps
-# hash the identity into run names.
-NOT_IDENTITY = ("run_dir", "name", "mesh", "compilation_cache", "checkpoint",
+# change when it resumes (execution policy, mesh shape, checkpointing, logging
+# cadence). A run directory is resumed only by a config with the same
+# identity, and sweeps hash the identity into run names.
+NOT_IDENTITY = ("run_dir", "name", "execution", "mesh", "compilation_cache", "checkpoint",
                 "train.progress", "train.log_every", "train.eval_every")
 
 

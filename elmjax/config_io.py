@@ -134,6 +134,9 @@ def from_dict(cls: type, data: Any, *, source: str | None = None, path: str = ""
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
+            moved = getattr(cls, "MOVED_KEYS", {}).get(key)
+            if moved:
+                raise ConfigError(f"{_where(source, _join(path, str(key)))}: moved to '{moved}'")
             raise ConfigError(
                 f"{_where(source, _join(path, str(key)))}: unknown key{suggest(str(key), fields)}; "
                 f"valid keys: {', '.join(sorted(fields))}"

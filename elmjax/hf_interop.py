@@ -267,9 +267,9 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> OpenELM:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    cfg = config_from_hf(hf, str(cfg_file)).replace(dtype=dtype)
+    cfg = config_from_hf(hf, str(cfg_file))
     params = params_from_hf(cfg, read_tensors(path, cfg))
-    abstract = nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
     return nnx.merge(graphdef, state)

@@ -185,9 +185,17 @@ _run_layer_remat = nnx.remat(_run_layer)
 
 
 class OpenELM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """The decoder. ``cfg`` says what the model is; the keywords say how it
+    executes: compute ``dtype`` of activations and matmuls (parameters stay
+    float32), per-layer ``remat`` and the ``attention`` implementation. They
+    change no parameter and (up to float rounding) no result."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32", remat: bool = False,
+                 attention: str = "xla"):
         self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.attention = attention
         D, V = cfg.model_dim, cfg.vocab_size
         self.embed_VD = _param(rngs, (V, D), D**-0.5, ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(cfg, lay, rngs) for lay in layer_layout(cfg)])
@@ -211,7 +219,7 @@ class OpenELM(nnx.Module):
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = self.embed(tokens_BL)
-        run = _run_layer_remat if self.cfg.remat else _run_layer
+        run = _run_layer_remat if self.remat else _run_layer
         for layer in self.layers:
             x_BLD = constrain(run(layer, x_BLD, positions_BL), HIDDEN)
         return x_BLD

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 SCHEDULES = ("linear", "reverse", "middle", "ends", "constant")
 Schedule = Literal["linear", "reverse", "middle", "ends", "constant"]
@@ -45,10 +45,9 @@ class ModelConfig:
     # planning a sweep for TP, so every layer splits into whole kv groups;
     # 1 is OpenELM's own layout, exactly.
     head_multiple: int = 1
-    # Execution policy, not architecture: compute dtype of activations and
-    # matmuls (parameters stay float32) and per-layer rematerialisation.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    # Compute dtype and rematerialisation are not here: they say how a run
+    # executes, not what the model is (``elmjax.config.ExecutionConfig``).
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"dtype": "execution.dtype", "remat": "execution.remat"}
 
     def __post_init__(self):
         for name in ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size",
@@ -105,7 +104,6 @@ def _openelm(num_layers: int, model_dim: int, head_dim: int) -> ModelConfig:
         max_context_length=2048,
         normalize_qk=True,
         tie_embeddings=True,
-        dtype="bfloat16",
     )
 
 

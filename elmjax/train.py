@@ -143,11 +143,11 @@ class _Session:
 
 
 def _check_shapes(config: Config, mesh) -> None:
-    div = batch_divisor(mesh) * config.train.grad_accum
+    div = batch_divisor(mesh) * config.execution.grad_accum
     if config.data.batch_size % div:
         raise config_io.ConfigError(
             f"data.batch_size ({config.data.batch_size}) must be divisible by mesh data*fsdp "
-            f"({batch_divisor(mesh)}) x train.grad_accum ({config.train.grad_accum})"
+            f"({batch_divisor(mesh)}) x execution.grad_accum ({config.execution.grad_accum})"
         )
     data_vocab = vocab_size(config.data)
     if data_vocab > config.model.vocab_size:
@@ -191,8 +191,8 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
     if replicated_dims:
         log.warning("%s", format_divisibility(replicated_dims, mesh.shape))
     total = config.total_steps
-    graphdef, _ = abstract_model(config.model)
-    eval_graphdef, _ = abstract_model(config.model.replace(dtype="float32", remat=False))
+    graphdef, _ = abstract_model(config.model, **config.execution.model_kwargs)
+    eval_graphdef, _ = abstract_model(config.model, attention=config.execution.attention)  # float32, no remat
     layout = state_layout(config, mesh)
     shardings, param_sh, optimizer = layout.shardings, layout.param_shardings, layout.optimizer
     restored = ckpt.restore_latest(layout.target)
@@ -202,7 +202,7 @@ def _setup(config: Config, ckpt: Checkpointer) -> _Session:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
     step_fn = make_train_step(graphdef, optimizer, lr_schedule(config.optimizer, total),
-                              z_loss=config.optimizer.z_loss, grad_accum=config.train.grad_accum, mesh=mesh)
+                              z_loss=config.optimizer.z_loss, grad_accum=config.execution.grad_accum, mesh=mesh)
     bsh, rep = batch_sharding(mesh), replicated(mesh)
     return _Session(
         config=config,
@@ -362,7 +362,7 @@ class _Loop:
             "lr": m["lr"],
             "grad_norm": m["grad_norm"],
             "tokens_per_s": tokens_per_s,
-            "mfu": mfu(self.s.flops_per_token, tokens_per_s, self.s.mesh.size, self.cfg.model.dtype),
+            "mfu": mfu(self.s.flops_per_token, tokens_per_s, self.s.mesh.size, self.cfg.execution.dtype),
             "batch_fingerprint": batch_fingerprint(batch_np),
             "time": now,
         }
@@ -439,7 +439,8 @@ def restore_params(config: Config, dtype: str | None = None):
     if restored is None:
         raise CheckpointError(f"{config.run_dir}: no checkpoint to load")
     state, _, _ = restored
-    graphdef, _ = abstract_model(config.model.replace(dtype=dtype) if dtype else config.model)
+    graphdef, _ = abstract_model(config.model, dtype=dtype or config.execution.dtype,
+                                 attention=config.execution.attention)
     return nnx.merge(graphdef, state.params)
 
 

@@ -24,9 +24,10 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data; folded with the step for any stochastic op
 
 
-def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract state) without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig, **execution):
+    """(graphdef, abstract state) without allocating parameters; ``execution``
+    are OpenELM's dtype / remat / attention keywords."""
+    return nnx.split(nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), **execution)))
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:

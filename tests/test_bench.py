@@ -1,4 +1,5 @@
 from elmjax.bench import bench, uniform_twin
+from elmjax.config import ExecutionConfig
 from elmjax.layout import layer_layout, param_counts
 from elmjax.model_config import ModelConfig, preset
 
@@ -13,7 +14,7 @@ def test_uniform_twin_is_uniform_and_matches_size():
 
 def test_bench_measures_both_arms():
     cfg = ModelConfig(num_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=16)
-    res = bench(cfg, batch=8, seq_len=16, steps=1, rounds=1)
+    res = bench(cfg, ExecutionConfig(), batch=8, seq_len=16, steps=1, rounds=1)
     assert set(res) == {"layer-wise", "uniform"}
     for r in res.values():
         assert r["tokens_per_s"] > 0 and r["compile_s"] > 0

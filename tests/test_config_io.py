@@ -45,7 +45,9 @@ def test_dotted_overrides_apply_and_are_strict(tmp_path):
     [
         ("train:\n  steps: many\n", r"train\.steps: expected an integer or null"),
         ("model:\n  normalize_qk: 1\n", r"model\.normalize_qk: expected true/false"),
-        ("model:\n  dtype: float16\n", r"model\.dtype: 'float16' is not one of"),
+        ("execution:\n  dtype: float16\n", r"execution\.dtype: 'float16' is not one of"),
+        ("model:\n  dtype: bfloat16\n", r"model\.dtype: moved to 'execution\.dtype'"),
+        ("train:\n  grad_accum: 2\n", r"train\.grad_accum: moved to 'execution\.grad_accum'"),
         ("model:\n  qkv_multipliers: [0.5, 0.25]\n", r"model: .*min <= max"),
         ("train:\n  steps: 3\n  tokens: 100\n", "exactly one of train.steps or train.tokens"),
         ("- just\n- a list\n", "top level must be a mapping"),

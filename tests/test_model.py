@@ -105,7 +105,7 @@ def test_output_shapes_for_odd_layouts(cfg):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    model = OpenELM(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = OpenELM(TINY, rngs=nnx.Rngs(0), dtype="bfloat16")
     ref = OpenELM(TINY, rngs=nnx.Rngs(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     tokens = jnp.arange(8)[None] % TINY.vocab_size
@@ -132,11 +132,11 @@ def test_remat_gives_same_loss_gradients():
     cfg = TINY
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
 
-    def grads(c):
-        model = OpenELM(c, rngs=nnx.Rngs(0))
+    def grads(remat):
+        model = OpenELM(cfg, rngs=nnx.Rngs(0), remat=remat)
         return nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens) ** 2)))(model)
 
-    a, b = grads(cfg), grads(cfg.replace(remat=True))
+    a, b = grads(False), grads(True)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 

@@ -60,6 +60,7 @@ def test_hash_covers_what_a_run_computes_only(tmp_path):
     same = [cfg.replace(run_dir="/elsewhere", name="x", compilation_cache=""),
             cfg.replace(checkpoint=cfg.checkpoint.__class__(every=7)),
             cfg.replace(mesh=cfg.mesh.__class__(data=-1, fsdp=2)),
+            cfg.replace(execution=cfg.execution.__class__(dtype="bfloat16", remat=True, grad_accum=2)),
             cfg.replace(train=cfg.train.__class__(steps=cfg.train.steps, progress=False, log_every=1))]
     for other in same:
         assert config_hash(other) == config_hash(cfg)

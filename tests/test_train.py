@@ -157,7 +157,7 @@ def test_same_data_seed_gives_same_batches_whatever_the_model(tmp_path, referenc
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, reference_run):
     ref_dir, _ = reference_run
     d = tmp_path / "accum"
-    run(tiny_config(d, "train.grad_accum=4", "train.eval_every=100"))
+    run(tiny_config(d, "execution.grad_accum=4", "train.eval_every=100"))
     got = train_rows(d)
     want = train_rows(ref_dir)[: len(got)]
     for g, w in zip(got, want):
@@ -180,9 +180,36 @@ def test_sharded_mesh_matches_one_device(tmp_path, reference_run, caplog):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def test_resume_with_another_execution_policy_continues(tmp_path, reference_run):
+    """Remat, micro-batches and the mesh say how a run executes, not what it is:
+    a run started with remat off on one device resumes with remat on, 2
+    micro-batches and a 4-device mesh. Its losses then differ from the
+    uninterrupted run's only by float32 reduction order."""
+    import shutil
+
+    ref_dir, _ = reference_run
+    d = tmp_path / "run"
+    shutil.copytree(ref_dir, d)
+    for step in (15, 20):  # back to the state after step 10 of the same run
+        shutil.rmtree(d / "checkpoints" / str(step))
+    (d / "final.json").unlink()
+    rd.write_status(d, "running", step=10, total_steps=20)
+    result = run(tiny_config(d, "execution.remat=true", "execution.grad_accum=2", "mesh.data=4"))
+    assert result.state == "done"
+    got, want = train_rows(d), train_rows(ref_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert got[:5] == want[:5]  # the first 10 steps are the original run's rows
+    for g, w in zip(got[5:], want[5:], strict=True):
+        assert g["batch_fingerprint"] == w["batch_fingerprint"]
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    assert any(g["loss"] != w["loss"] for g, w in zip(got[5:], want[5:]))  # really executed differently
+    for x, y in zip(params_of(d), params_of(ref_dir), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
 def test_batch_not_divisible_by_mesh_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.batch_size \(8\) must be divisible by mesh data\*fsdp \(8\) x train.grad_accum \(2\)"):
-        run(tiny_config(tmp_path / "r", "mesh.data=8", "train.grad_accum=2"))
+    with pytest.raises(ConfigError, match=r"data.batch_size \(8\) must be divisible by mesh data\*fsdp \(8\) x execution.grad_accum \(2\)"):
+        run(tiny_config(tmp_path / "r", "mesh.data=8", "execution.grad_accum=2"))
     assert rd.read_status(tmp_path / "r")["state"] == "failed"
 
 
