@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from elmjax.config import Config, ExecutionConfig, MeshConfig, OptimizerConfig, TrainConfig
+from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.hardware import mfu
 from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
 from elmjax.model_config import ModelConfig, preset
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--remat", action="store_true")
     args = p.parse_args(argv)
+    keep_scratch_in_heap()  # before JAX starts its CPU client; see elmjax.cpu_heap
     cfg = preset(args.preset) if args.preset else SMALL
     execution = ExecutionConfig(dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"),
                                 remat=args.remat)

@@ -30,6 +30,7 @@ import numpy as np
 from elmjax import config_io, run_dir as rd
 from elmjax.checkpoint import Checkpointer
 from elmjax.config import Config, identity
+from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.data import batch_fingerprint, train_iterator, validation_set, vocab_size
 from elmjax.distributed import maybe_initialize
 from elmjax.hardware import mfu
@@ -452,6 +453,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)
+    keep_scratch_in_heap()  # before JAX starts its CPU client; see elmjax.cpu_heap
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         config = config_io.load(Config, args.config, args.overrides)
