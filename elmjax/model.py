@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.attention import causal_attention
+from elmjax.cpu_attention import causal_attention
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
 from elmjax.sharding import constrain

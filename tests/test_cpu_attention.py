@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmjax.attention import causal_attention
+from elmjax.cpu_attention import causal_attention
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 1), (2, 2)])
