@@ -26,6 +26,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from elmjax.cpu_attention import causal_attention
+
 from elmjax.sharding import active_mesh, logical_to_spec
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,10 @@ def attend(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, causal: b
         impl = "xla"
     if impl == "splash":
         return _splash_sharded(q_BLHE, k_BSKE, v_BSKE, scale)
+    if impl == "xla" and causal and mask is None and L == S and jax.default_backend() == "cpu":
+        # XLA:CPU's own attention backward is slow (layout copies, transposed
+        # matmuls): a hand-written backward, same numbers (elmjax.cpu_attention).
+        return causal_attention(q_BLHE, k_BSKE, v_BSKE, scale)
     return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask, is_causal=causal, scale=scale,
                                         implementation=impl)
 

@@ -2,15 +2,19 @@
 
     python -m elmjax.bench                       # small CPU-sized default
     python -m elmjax.bench --preset OpenELM-270M --batch 16 --seq-len 2048 --dtype bfloat16
+    python -m elmjax.bench --config elmjax/configs/tiny_cpu.yaml --batch 16 --seq-len 128
 
 Both models are measured in this one process, alternating, so machine noise
 hits both; the printed ratio (layer-wise tokens/s over uniform tokens/s) is
-the number to compare. MFU uses the analytic FLOPs of ``elmjax.layout``.
+the number to compare. MFU uses the analytic FLOPs of ``elmjax.layout`` and
+the peak of ``elmjax.hardware`` (measured once on CPUs). Then the layer-wise
+model's step is broken down by component (``elmjax.breakdown``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,10 +22,13 @@ import jax
 import numpy as np
 
 from elmjax.config import Config, ExecutionConfig, MeshConfig, OptimizerConfig, TrainConfig
-from elmjax.hardware import mfu
+from elmjax import config_io
+from elmjax.breakdown import component_times, format_breakdown
+from elmjax.cpu_heap import keep_scratch_in_heap
+from elmjax.hardware import mfu, peak_flops
 from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
 from elmjax.model_config import ModelConfig, preset
-from elmjax.optim import lr_schedule
+from elmjax.optim import lr_schedule, make_optimizer
 from elmjax.sharding import batch_sharding, make_mesh
 from elmjax.state import abstract_model, state_layout
 from elmjax.train_step import make_train_step
@@ -111,6 +118,7 @@ def bench(cfg: ModelConfig, execution: ExecutionConfig, batch: int, seq_len: int
         out[name] = {
             "params": param_counts(c).total,
             "tokens_per_s": tps,
+            "step_s": seconds[name] / (rounds * steps),
             "mfu": mfu(flops, tps, arm.num_devices, execution.dtype),
             "compile_s": arm.compile_s,
             "peak_bytes": _peak_memory(arm.compiled),
@@ -123,14 +131,24 @@ def bench(cfg: ModelConfig, execution: ExecutionConfig, batch: int, seq_len: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m elmjax.bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", help="OpenELM preset (default: a small CPU-sized layer-wise model)")
+    p.add_argument("--config", help="take the model from this training config YAML instead")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-component timing of the layer-wise model")
     args = p.parse_args(argv)
-    cfg = preset(args.preset) if args.preset else SMALL
+    keep_scratch_in_heap()  # before JAX starts its CPU client; see elmjax.cpu_heap
+    if args.config:
+        try:
+            cfg = config_io.load(Config, args.config, []).model
+        except config_io.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        cfg = preset(args.preset) if args.preset else SMALL
     execution = ExecutionConfig(dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"),
                                 remat=args.remat)
     res = bench(cfg, execution, args.batch, args.seq_len, args.steps, args.rounds)
@@ -143,6 +161,15 @@ def main(argv=None) -> int:
               f"compile {r['compile_s']:.1f} s  peak mem {mem}")
     ratio = res["layer-wise"]["tokens_per_s"] / res["uniform"]["tokens_per_s"]
     print(f"ratio layer-wise / uniform tokens/s: {ratio:.3f}  (target >= 0.95)")
+    peak = peak_flops(dtype=execution.dtype)
+    if peak is not None:
+        source = "measured, cached" if jax.devices()[0].platform == "cpu" else "published"
+        print(f"MFU against a peak of {peak / 1e9:,.0f} GFLOP/s per device ({source})")
+    if not args.no_breakdown:
+        optimizer = make_optimizer(OptimizerConfig(warmup_steps=2), 1000)
+        times = component_times(cfg, optimizer, args.batch, args.seq_len, dtype=execution.dtype)
+        print("layer-wise step by component:")
+        print(format_breakdown(times, res["layer-wise"]["step_s"]))
     return 0
 
 

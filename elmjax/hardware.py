@@ -1,12 +1,27 @@
 """Peak dense matmul throughput per device, for MFU estimates.
 
-Numbers are the vendors' dense (no sparsity) peaks. Unknown devices (CPUs
-included) have no peak, and their MFU is reported as null rather than guessed.
+Accelerators use the vendors' dense (no sparsity) peaks. CPUs have no
+published peak that means anything for XLA, so their peak is measured once:
+the best of a few 1024- and 2048-square matmuls, cached on disk per device
+kind, device count, dtype and jax version (``~/.cache/elmjax/peak.json``).
+The measurement takes a few seconds and is only as good as the machine was
+quiet then: delete the file to measure again.
+Other unknown devices have no peak, and their MFU is reported as null.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elmjax.config_io import atomic_write_text
 
 # device_kind substring -> (bf16 FLOP/s, fp32 FLOP/s)
 _PEAKS = {
@@ -23,7 +38,12 @@ _PEAKS = {
 
 
 def peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
-    return peak_flops_for_kind((device or jax.devices()[0]).device_kind, dtype)
+    """Published peak of the device, or on CPU this machine's measured one."""
+    device = device or jax.devices()[0]
+    peak = peak_flops_for_kind(device.device_kind, dtype)
+    if peak is None and device.platform == "cpu":
+        return measured_peak(dtype)
+    return peak
 
 
 def peak_flops_for_kind(kind: str, dtype: str = "bfloat16") -> float | None:
@@ -34,8 +54,54 @@ def peak_flops_for_kind(kind: str, dtype: str = "bfloat16") -> float | None:
     return None
 
 
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "elmjax" / "peak.json"
+
+
+def measured_peak(dtype: str = "float32") -> float:
+    """This machine's dense matmul FLOP/s on the default device, measured once and cached."""
+    # The host name too: CPU device kinds are generic, and home directories are shared.
+    key = f"{platform.node()}|{jax.devices()[0].device_kind}|{jax.device_count()}|{dtype}|jax {jax.__version__}"
+    path = _cache_path()
+    if (path, key) in _MEASURED:  # training asks at every log step
+        return _MEASURED[path, key]
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict) or not isinstance(cache.get(key), (int, float)):
+        cache = cache if isinstance(cache, dict) else {}
+        cache[key] = _measure(dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+    _MEASURED[path, key] = float(cache[key])
+    return _MEASURED[path, key]
+
+
+_MEASURED: dict[tuple[Path, str], float] = {}
+
+
+def _measure(dtype: str, sizes=(1024, 2048), repeats: int = 3) -> float:
+    """Best FLOP/s over a few square matmuls of arguments (not constants, which XLA would fold)."""
+    best = 0.0
+    matmul = jax.jit(jnp.matmul)
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32), dtype) for _ in range(2))
+        jax.block_until_ready(matmul(a, b))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(matmul(a, b))
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, num_devices: int, dtype: str) -> float | None:
-    peak = peak_flops(dtype=dtype)
+    device = jax.devices()[0]
+    peak = peak_flops(device, dtype=dtype)
     if peak is None or tokens_per_s <= 0:
         return None
-    return flops_per_token * tokens_per_s / (peak * num_devices)
+    # CPU "devices" (--xla_force_host_platform_device_count) share one
+    # machine, whose whole peak the measurement already is.
+    devices = 1 if device.platform == "cpu" else num_devices
+    return flops_per_token * tokens_per_s / (peak * devices)

@@ -62,16 +62,39 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...]).astype(x.dtype)
 
 
-def rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half rotary embedding over the full head dim, computed in float32."""
-    head_dim = x_BLHE.shape[-1]
+class Rotary(NamedTuple):
+    """cos and sin of each token's rotary angles [B, L, E]: computed once per
+    forward pass and shared by every layer (they depend on positions only)."""
+
+    cos_BLE: jax.Array
+    sin_BLE: jax.Array
+
+
+def rotary(positions_BL: jax.Array, head_dim: int, theta: float) -> Rotary:
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles_BLe = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-    angles_BLE = jnp.concatenate([angles_BLe, angles_BLe], axis=-1)[:, :, None, :]
+    angles_BLE = jnp.concatenate([angles_BLe, angles_BLe], axis=-1)
+    # The barrier materialises the tables. Without it XLA fuses cos and sin
+    # into every consumer and recomputes them for each head of each layer,
+    # forward and backward (measured: most of the time of RoPE on CPU).
+    return Rotary(*jax.lax.optimization_barrier((jnp.cos(angles_BLE), jnp.sin(angles_BLE))))
+
+
+def apply_rotary(x_BLHE: jax.Array, rot: Rotary) -> jax.Array:
+    """Rotate-half RoPE over the full head dim, computed in float32."""
     x32 = x_BLHE.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles_BLE) + rotated * jnp.sin(angles_BLE)).astype(x_BLHE.dtype)
+    # rotate_half(x) = [-x2, x1], written as a flip of the two halves and a
+    # sign instead of split + concatenate: same numbers, but its gradient is
+    # the same cheap flip rather than zero-padding both halves and adding.
+    halves = x32.reshape(*x32.shape[:-1], 2, x32.shape[-1] // 2)
+    rotated = (jnp.flip(halves, axis=-2) * jnp.array([[-1.0], [1.0]], jnp.float32)).reshape(x32.shape)
+    cos, sin = rot.cos_BLE[:, :, None, :], rot.sin_BLE[:, :, None, :]
+    return (x32 * cos + rotated * sin).astype(x_BLHE.dtype)
+
+
+def rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half rotary embedding of one tensor at ``positions_BL``."""
+    return apply_rotary(x_BLHE, rotary(positions_BL, x_BLHE.shape[-1], theta))
 
 
 class Attention(nnx.Module):
@@ -88,7 +111,7 @@ class Attention(nnx.Module):
         self.impl = impl  # elmjax.attention implementation
         self.num_q, self.num_kv = layout.q_heads, layout.kv_heads
         self.groups = self.num_q // self.num_kv
-        self.head_dim, self.theta = E, cfg.rope_theta
+        self.head_dim = E
         K, G = self.num_kv, self.groups
         self.qkv_DKCE = _param(rngs, (D, K, G + 2, E), D**-0.5, ("embed", "kv_heads", None, "head_dim"))
         out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
@@ -99,37 +122,47 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x_BLD: jax.Array, positions_BL: jax.Array):
+    def project(self, x_BLD: jax.Array, rot: Rotary):
         """Queries, keys and values after QK-norm and RoPE."""
-        qkv_BLKCE = jnp.einsum("bld,dkce->blkce", x_BLD, self.qkv_DKCE[...].astype(x_BLD.dtype))
-        qkv_BLKCE = constrain(qkv_BLKCE, ("batch", "length", "kv_heads", None, "head_dim"))
-        B, L, K, _, E = qkv_BLKCE.shape
-        q_BLHE = qkv_BLKCE[:, :, :, : self.groups].reshape(B, L, K * self.groups, E)
-        k_BLKE = qkv_BLKCE[:, :, :, self.groups]
-        v_BLKE = qkv_BLKCE[:, :, :, self.groups + 1]
+        B, L, D = x_BLD.shape
+        K, G, E = self.num_kv, self.groups, self.head_dim
+        w_DKCE = self.qkv_DKCE[...].astype(x_BLD.dtype)
+        # One matmul per role on flat [B*L, D] rows, against slices of the
+        # fused weight, rather than one [B, L, D] x [D, K, C, E] einsum whose
+        # output is then sliced: XLA:CPU runs 2-D matmuls and their weight
+        # gradients on its fast path, and slicing the weight (not the output)
+        # keeps the backward pass from zero-padding each activation slice
+        # back to the fused width. Same products, same numbers.
+        x_ND = x_BLD.reshape(B * L, D)
+        q_BLHE = (x_ND @ w_DKCE[:, :, :G].reshape(D, K * G * E)).reshape(B, L, K * G, E)
+        k_BLKE = (x_ND @ w_DKCE[:, :, G].reshape(D, K * E)).reshape(B, L, K, E)
+        v_BLKE = (x_ND @ w_DKCE[:, :, G + 1].reshape(D, K * E)).reshape(B, L, K, E)
+        q_BLHE = constrain(q_BLHE, ("batch", "length", "heads", "head_dim"))
+        k_BLKE = constrain(k_BLKE, ("batch", "length", "kv_heads", "head_dim"))
+        v_BLKE = constrain(v_BLKE, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q_BLHE, k_BLKE = self.q_norm(q_BLHE), self.k_norm(k_BLKE)
-        q_BLHE = rope(q_BLHE, positions_BL, self.theta)
-        k_BLKE = rope(k_BLKE, positions_BL, self.theta)
-        return q_BLHE, k_BLKE, v_BLKE
+        return apply_rotary(q_BLHE, rot), apply_rotary(k_BLKE, rot), v_BLKE
 
     def output(self, attn_BLHE: jax.Array) -> jax.Array:
-        B, L, _, E = attn_BLHE.shape
-        attn_BLKGE = attn_BLHE.reshape(B, L, self.num_kv, self.groups, E)
-        attn_BLKGE = constrain(attn_BLKGE, ("batch", "length", "kv_heads", None, "head_dim"))
-        return jnp.einsum("blkge,kged->bld", attn_BLKGE, self.out_KGED[...].astype(attn_BLHE.dtype))
+        B, L, H, E = attn_BLHE.shape
+        # Pinned by kv group (heads are group-major), then one flat [B*L, H*E]
+        # matmul: XLA:CPU's fast path, same numbers as the 4-D einsum.
+        attn_BLHE = constrain(attn_BLHE, ("batch", "length", "heads", "head_dim"))
+        w_ND = self.out_KGED[...].astype(attn_BLHE.dtype).reshape(H * E, -1)
+        return (attn_BLHE.reshape(B * L, H * E) @ w_ND).reshape(B, L, -1)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array | None = None) -> jax.Array:
-        q, k, v = self.project(x_BLD, positions_BL)
+    def __call__(self, x_BLD: jax.Array, rot: Rotary, mask_B1LL: jax.Array | None = None) -> jax.Array:
+        q, k, v = self.project(x_BLD, rot)
         # Every implementation groups query head h with kv head h // G,
         # which is OpenELM's repeat_interleave order.
         attn_BLHE = attend(q, k, v, causal=True, mask=mask_B1LL, scale=self.head_dim**-0.5, impl=self.impl)
         return self.output(attn_BLHE)
 
-    def attend_cached(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
+    def attend_cached(self, x_BLD, rot: Rotary, positions_BL, cache: KVCache, mask_BLS):
         """Attention for decoding: write this step's keys/values into ``cache``
         at ``positions_BL`` and attend over the slots ``mask_BLS`` allows."""
-        q, k, v = self.project(x_BLD, positions_BL)
+        q, k, v = self.project(x_BLD, rot)
         rows_B1 = jnp.arange(x_BLD.shape[0])[:, None]
         k_cache = cache.k_BSKE.at[rows_B1, positions_BL].set(k.astype(cache.k_BSKE.dtype))
         v_cache = cache.v_BSKE.at[rows_B1, positions_BL].set(v.astype(cache.v_BSKE.dtype))
@@ -150,13 +183,17 @@ class FeedForward(nnx.Module):
         self.out_FD = _param(rngs, (F, D), out_std, ("mlp", "embed"))
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        h_BLPF = jnp.einsum("bld,dpf->blpf", x_BLD, self.in_DPF[...].astype(x_BLD.dtype))
+        B, L, D = x_BLD.shape
+        w_DPF = self.in_DPF[...].astype(x_BLD.dtype)
+        # Flat [B*L, D] rows and one matmul per slice of the fused weight,
+        # for the same reasons as in ``Attention.project``.
+        x_ND = x_BLD.reshape(B * L, D)
+        h_NF = jax.nn.silu(x_ND @ w_DPF[:, 0])
         if self.glu:
-            h_BLF = jax.nn.silu(h_BLPF[:, :, 0]) * h_BLPF[:, :, 1]
-        else:
-            h_BLF = jax.nn.silu(h_BLPF[:, :, 0])
-        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
-        return jnp.einsum("blf,fd->bld", h_BLF, self.out_FD[...].astype(h_BLF.dtype))
+            h_NF = h_NF * (x_ND @ w_DPF[:, 1])
+        h_BLF = constrain(h_NF.reshape(B, L, -1), ("batch", "length", "mlp"))
+        out_ND = h_BLF.reshape(B * L, -1) @ self.out_FD[...].astype(h_BLF.dtype)
+        return out_ND.reshape(B, L, D)
 
 
 class DecoderLayer(nnx.Module):
@@ -166,18 +203,18 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, "embed")
         self.ffn = FeedForward(cfg, layout, rngs)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array | None = None) -> jax.Array:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
+    def __call__(self, x_BLD: jax.Array, rot: Rotary, mask_B1LL: jax.Array | None = None) -> jax.Array:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rot, mask_B1LL)
         return x_BLD + self.ffn(self.ffn_norm(x_BLD))
 
-    def decode(self, x_BLD, positions_BL, cache: KVCache, mask_BLS):
-        attn_BLD, cache = self.attn.attend_cached(self.attn_norm(x_BLD), positions_BL, cache, mask_BLS)
+    def decode(self, x_BLD, rot: Rotary, positions_BL, cache: KVCache, mask_BLS):
+        attn_BLD, cache = self.attn.attend_cached(self.attn_norm(x_BLD), rot, positions_BL, cache, mask_BLS)
         x_BLD = x_BLD + attn_BLD
         return x_BLD + self.ffn(self.ffn_norm(x_BLD)), cache
 
 
-def _run_layer(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
-    return layer(x_BLD, positions_BL, mask_B1LL)
+def _run_layer(layer: DecoderLayer, x_BLD, rot: Rotary, mask_B1LL):
+    return layer(x_BLD, rot, mask_B1LL)
 
 
 # Rematerialise each decoder layer: activations are recomputed in the backward
@@ -229,9 +266,10 @@ class OpenELM(nnx.Module):
         if segment_ids_BL is not None:
             mask_B1LL = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
         x_BLD = self.embed(tokens_BL)
+        rot = rotary(positions_BL, self.cfg.head_dim, self.cfg.rope_theta)
         run = _run_layer_remat if self.remat else _run_layer
         for layer in self.layers:
-            x_BLD = constrain(run(layer, x_BLD, positions_BL, mask_B1LL), HIDDEN)
+            x_BLD = constrain(run(layer, x_BLD, rot, mask_B1LL), HIDDEN)
         return x_BLD
 
     def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, *,
@@ -254,8 +292,9 @@ class OpenELM(nnx.Module):
         """Logits for new tokens at ``positions_BL`` given per-layer caches;
         ``mask_BLS`` says which cache slots each new token may attend to."""
         x_BLD = self.embed(tokens_BL)
+        rot = rotary(positions_BL, self.cfg.head_dim, self.cfg.rope_theta)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
-            x_BLD, cache = layer.decode(x_BLD, positions_BL, cache, mask_BLS)
+            x_BLD, cache = layer.decode(x_BLD, rot, positions_BL, cache, mask_BLS)
             new_caches.append(cache)
         return self.logits(x_BLD), new_caches

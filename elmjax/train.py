@@ -31,6 +31,7 @@ from elmjax import config_io, run_dir as rd, tb_log
 from elmjax.checkpoint import Checkpointer
 from elmjax.cli import cli_logging
 from elmjax.config import Config, identity
+from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.data import batch_fingerprint, test_set, tokenizer_spec, train_iterator, validation_set, vocab_size
 from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.errors import UserError, one_line
@@ -456,6 +457,7 @@ def main(argv=None) -> int:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_args(argv)
+    keep_scratch_in_heap()  # before JAX starts its CPU client; see elmjax.cpu_heap
     try:
         with cli_logging():
             config = config_io.load(Config, args.config, args.overrides)

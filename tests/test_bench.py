@@ -18,3 +18,18 @@ def test_bench_measures_both_arms():
     assert set(res) == {"layer-wise", "uniform"}
     for r in res.values():
         assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
+
+
+def test_breakdown_times_every_component_forward_and_backward():
+    from elmjax.breakdown import COMPONENTS, component_times, format_breakdown
+    from elmjax.config import OptimizerConfig
+    from elmjax.optim import make_optimizer
+
+    cfg = ModelConfig(num_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=16, vocab_size=128)
+    times = component_times(cfg, make_optimizer(OptimizerConfig(), 10), batch=2, seq_len=16, reps=1)
+    assert set(times) == set(COMPONENTS)
+    for name, (fwd, both) in times.items():
+        assert fwd > 0
+        assert (both is None) == (name == "optimizer")
+    text = format_breakdown(times, step_s=1.0)
+    assert all(name in text for name in COMPONENTS)
