@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from elmjax import config_io, run_dir as rd, tb_log
@@ -36,10 +37,11 @@ from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
+from elmjax.run_times import RunTimes
 from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh,
                              replicated)
 from elmjax.state import TrainState, abstract_model, state_layout
-from elmjax.train_program import jit_train_step
+from elmjax.train_program import abstract_batch, jit_train_step
 from elmjax.train_step import make_eval_step
 
 log = logging.getLogger("elmjax.train")
@@ -111,6 +113,7 @@ def run(config: Config, *, progress_callback=None) -> RunResult:
     if path is None:
         log.info("%s is already done", config.run_dir)
         return RunResult(Path(config.run_dir), "done", rd.read_final(config.run_dir))
+    times = RunTimes()
     lead = jax.process_index() == 0
     if lead:
         path.mkdir(parents=True, exist_ok=True)
@@ -118,7 +121,7 @@ def run(config: Config, *, progress_callback=None) -> RunResult:
         rd.write_status(path, "running", total_steps=config.total_steps)
     try:
         with _signals_to_flag() as stop:
-            return _train(config, path, stop, progress_callback)
+            return _train(config, path, stop, progress_callback, times)
     except Interrupted:
         raise
     except BaseException as e:
@@ -163,6 +166,7 @@ class _Session:
     eval_step: object
     batch_sharding: object
     flops_per_token: int
+    times: RunTimes
 
 
 def _check_shapes(config: Config, mesh) -> None:
@@ -184,33 +188,55 @@ def _check_shapes(config: Config, mesh) -> None:
         )
 
 
-def _setup(config: Config, ckpt: Checkpointer) -> _Session:
+def _eval_chunk(config: Config, mesh) -> int:
+    """Validation rows per eval call."""
+    return max(config.data.batch_size, batch_divisor(mesh))
+
+
+def _compile_eval_step(config: Config, mesh, layout):
+    """The float32, no-remat eval step, compiled ahead of time for one chunk of validation rows."""
+    eval_graphdef, _ = abstract_model(config.model, attention=config.execution.attention)
+    bsh, wsh = batch_sharding(mesh), batch_sharding(mesh, 1)
+    jitted = jax.jit(make_eval_step(eval_graphdef, mesh), in_shardings=(layout.param_shardings, bsh, wsh),
+                     out_shardings=replicated(mesh))
+    chunk = _eval_chunk(config, mesh)
+    rows = jax.ShapeDtypeStruct((chunk, config.data.seq_len + 1), jnp.int32, sharding=bsh)
+    weights = jax.ShapeDtypeStruct((chunk,), jnp.float32, sharding=wsh)
+    return jitted.lower(layout.target.params, rows, weights).compile()
+
+
+def _setup(config: Config, ckpt: Checkpointer, times: RunTimes) -> _Session:
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
     replicated_dims = divisibility_report(config.model, mesh.shape)
     if replicated_dims:
         log.warning("%s", format_divisibility(replicated_dims, mesh.shape))
-    eval_graphdef, _ = abstract_model(config.model, attention=config.execution.attention)  # float32, no remat
     layout = state_layout(config, mesh)
-    shardings, param_sh = layout.shardings, layout.param_shardings
-    restored = ckpt.restore_latest(layout.target)
-    if restored is None:
-        state, data_state, start = jax.jit(layout.create, out_shardings=shardings)(), None, 0
-    else:
+    with times.measure("checkpoint"):
+        restored = ckpt.restore_latest(layout.target)
+    with times.measure("compile"):
+        if restored is None:
+            # The seed is an argument, not a constant of the program: every seed hits the compilation cache.
+            state = jax.jit(layout.create, out_shardings=layout.shardings)(np.int32(config.train.seed))
+            data_state, start = None, 0
+        # Compiled here, ahead of the loop, so compile_s is compiling alone;
+        # the same program preflight compiles.
+        train_step = jit_train_step(config, mesh, layout).lower(layout.target, abstract_batch(config, mesh)).compile()
+        eval_step = _compile_eval_step(config, mesh, layout)
+    if restored is not None:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
-    bsh, rep = batch_sharding(mesh), replicated(mesh)
     return _Session(
         config=config,
         mesh=mesh,
         state=state,
         start_step=start,
         data_state=data_state,
-        train_step=jit_train_step(config, mesh, layout),  # the same program preflight compiles
-        eval_step=jax.jit(make_eval_step(eval_graphdef, mesh), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
-                          out_shardings=rep),
-        batch_sharding=bsh,
+        train_step=train_step,
+        eval_step=eval_step,
+        batch_sharding=batch_sharding(mesh),
         flops_per_token=train_flops_per_token(config.model, config.data.seq_len),
+        times=times,
     )
 
 
@@ -218,7 +244,7 @@ def evaluate(session: _Session, params) -> dict:
     """Validation loss, perplexity, bits per byte and top-1 accuracy in float32."""
     val = validation_set(session.config.data)
     rows = val.tokens
-    chunk = max(session.config.data.batch_size, batch_divisor(session.mesh))
+    chunk = _eval_chunk(session.config, session.mesh)
     pad = (-len(rows)) % chunk
     weights = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
     rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])
@@ -243,11 +269,12 @@ def _global(array: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def _train(config: Config, path: Path, stop, progress_callback) -> RunResult:
+def _train(config: Config, path: Path, stop, progress_callback, times: RunTimes) -> RunResult:
     lead = jax.process_index() == 0
-    ckpt = Checkpointer(path, config.checkpoint)
+    with times.measure("checkpoint"):
+        ckpt = Checkpointer(path, config.checkpoint)
     try:
-        session = _setup(config, ckpt)
+        session = _setup(config, ckpt, times)
         loop = _Loop(session, path, ckpt, stop, progress_callback, lead)
         return loop.run()
     finally:
@@ -263,10 +290,11 @@ class _Loop:
         self.cfg = cfg
         self.total = cfg.total_steps
         self.data = train_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
-        self.wall_prev = 0.0
+        self.times = session.times
         if session.data_state is not None:
             self.data.set_state(session.data_state["iterator"])
-            self.wall_prev = float(session.data_state.get("wall_time_s", 0.0))
+            # Checkpoints of older versions hold only wall_time_s.
+            self.times.resume(session.data_state.get("times", session.data_state))
         self.metrics = rd.MetricsLog(path, resume_step=session.start_step) if lead else None
         self.pending: list[tuple[int, dict]] = []
         # The last fetched train metrics travel in the checkpoint, so a run
@@ -279,7 +307,6 @@ class _Loop:
             r.get("kind") == "eval" and r.get("step") == self.total for r in rd.read_metrics(path))
         self.agree = StopAgreement()
         self.stopping = False
-        self.t0 = time.time()
         self.window_start = (session.start_step, time.time())
 
     def run(self) -> RunResult:
@@ -290,7 +317,7 @@ class _Loop:
                    desc=cfg.name or Path(cfg.run_dir).name, unit="step", dynamic_ncols=True)
         try:
             step = s.start_step
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), self.times.measure("train"):
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
                 while step < self.total:
                     batch_np = next(self.data)
@@ -326,7 +353,8 @@ class _Loop:
             self._save(step)
         if self.stopping and not last:  # at the last step, just finish
             self._save(step)
-            self.ckpt.wait()
+            with self.times.measure("checkpoint"):
+                self.ckpt.wait()
             name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another process"
             if self.lead:
                 rd.write_status(self.path, "pending", step=step, total_steps=self.total,
@@ -379,7 +407,9 @@ class _Loop:
             self.callback(step, self.total, row)
 
     def _log_eval(self, step: int, emit: bool = True) -> dict:
-        ev = evaluate(self.s, self.s.state.params)
+        jax.block_until_ready(self.s.state)  # the steps dispatched so far are train time, not eval time
+        with self.times.measure("eval"):
+            ev = evaluate(self.s, self.s.state.params)
         if emit:
             self._emit({"kind": "eval", "step": step, "tokens": step * self.cfg.tokens_per_step, **ev, "time": time.time()})
         return ev
@@ -396,21 +426,27 @@ class _Loop:
     def _save(self, step: int) -> None:
         if not self.cfg.checkpoint.enabled:
             return
-        state = {"iterator": self.data.get_state(), "wall_time_s": self.wall_prev + time.time() - self.t0,
-                 "last_train": self.last_train}
-        self.ckpt.save(step, self.s.state, state)
+        jax.block_until_ready(self.s.state)  # the steps dispatched so far are train time
+        with self.times.measure("checkpoint"):
+            record = self.times.record()
+            # wall_time_s stays at the top level too: older versions resume from it.
+            state = {"iterator": self.data.get_state(), "wall_time_s": record["wall_time_s"], "times": record,
+                     "last_train": self.last_train}
+            self.ckpt.save(step, self.s.state, state)
 
     def _finish(self, step: int) -> RunResult:
         ev = self._log_eval(step, emit=not self.final_eval_logged)
         self._save(step)
-        self.ckpt.wait()
+        with self.times.measure("checkpoint"):
+            self.ckpt.wait()
         counts = param_counts(self.cfg.model)
+        times = self.times.record()
         final = {
             "step": step,
             "tokens": step * self.cfg.tokens_per_step,
             **ev,
             "train_loss": self.last_train.get("loss"),
-            "wall_time_s": self.wall_prev + time.time() - self.t0,
+            **times,  # wall_time_s and where it went (elmjax.run_times)
             "params": counts.total,
             "non_embedding_params": counts.non_embedding,
             "flops_per_token": self.s.flops_per_token,
