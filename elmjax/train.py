@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from elmjax import config_io, run_dir as rd, tb_log
@@ -37,12 +36,10 @@ from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
+from elmjax.programs import compiled_programs
 from elmjax.run_times import RunTimes
-from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh,
-                             replicated)
-from elmjax.state import TrainState, abstract_model, state_layout
-from elmjax.train_program import abstract_batch, jit_train_step
-from elmjax.train_step import make_eval_step
+from elmjax.sharding import batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh
+from elmjax.state import TrainState, state_layout
 
 log = logging.getLogger("elmjax.train")
 
@@ -164,6 +161,7 @@ class _Session:
     data_state: dict | None
     train_step: object
     eval_step: object
+    eval_chunk: int
     batch_sharding: object
     flops_per_token: int
     times: RunTimes
@@ -188,23 +186,6 @@ def _check_shapes(config: Config, mesh) -> None:
         )
 
 
-def _eval_chunk(config: Config, mesh) -> int:
-    """Validation rows per eval call."""
-    return max(config.data.batch_size, batch_divisor(mesh))
-
-
-def _compile_eval_step(config: Config, mesh, layout):
-    """The float32, no-remat eval step, compiled ahead of time for one chunk of validation rows."""
-    eval_graphdef, _ = abstract_model(config.model, attention=config.execution.attention)
-    bsh, wsh = batch_sharding(mesh), batch_sharding(mesh, 1)
-    jitted = jax.jit(make_eval_step(eval_graphdef, mesh), in_shardings=(layout.param_shardings, bsh, wsh),
-                     out_shardings=replicated(mesh))
-    chunk = _eval_chunk(config, mesh)
-    rows = jax.ShapeDtypeStruct((chunk, config.data.seq_len + 1), jnp.int32, sharding=bsh)
-    weights = jax.ShapeDtypeStruct((chunk,), jnp.float32, sharding=wsh)
-    return jitted.lower(layout.target.params, rows, weights).compile()
-
-
 def _setup(config: Config, ckpt: Checkpointer, times: RunTimes) -> _Session:
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
@@ -215,14 +196,11 @@ def _setup(config: Config, ckpt: Checkpointer, times: RunTimes) -> _Session:
     with times.measure("checkpoint"):
         restored = ckpt.restore_latest(layout.target)
     with times.measure("compile"):
+        # Compiled here, ahead of the loop, so compile_s is compiling alone
+        # (or nothing, when the last run of this process had the same shapes).
+        programs = compiled_programs(config, mesh, layout)
         if restored is None:
-            # The seed is an argument, not a constant of the program: every seed hits the compilation cache.
-            state = jax.jit(layout.create, out_shardings=layout.shardings)(np.int32(config.train.seed))
-            data_state, start = None, 0
-        # Compiled here, ahead of the loop, so compile_s is compiling alone;
-        # the same program preflight compiles.
-        train_step = jit_train_step(config, mesh, layout).lower(layout.target, abstract_batch(config, mesh)).compile()
-        eval_step = _compile_eval_step(config, mesh, layout)
+            state, data_state, start = programs.init_state(config.train.seed), None, 0
     if restored is not None:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
@@ -232,8 +210,9 @@ def _setup(config: Config, ckpt: Checkpointer, times: RunTimes) -> _Session:
         state=state,
         start_step=start,
         data_state=data_state,
-        train_step=train_step,
-        eval_step=eval_step,
+        train_step=programs.train_step,
+        eval_step=programs.eval_step,
+        eval_chunk=programs.eval_chunk,
         batch_sharding=batch_sharding(mesh),
         flops_per_token=train_flops_per_token(config.model, config.data.seq_len),
         times=times,
@@ -244,7 +223,7 @@ def evaluate(session: _Session, params) -> dict:
     """Validation loss, perplexity, bits per byte and top-1 accuracy in float32."""
     val = validation_set(session.config.data)
     rows = val.tokens
-    chunk = _eval_chunk(session.config, session.mesh)
+    chunk = session.eval_chunk
     pad = (-len(rows)) % chunk
     weights = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
     rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])

@@ -17,6 +17,7 @@ from elmjax.checkpoint import load_model
 from elmjax.config_io import ConfigError
 from elmjax.run_times import TIME_KEYS
 from elmjax.train import run
+from compile_log import compilations
 from train_helpers import tiny_config, write_config
 
 
@@ -221,3 +222,13 @@ def test_persistent_compilation_cache_is_reused(tmp_path):
     hits = set(re.findall(r"Persistent compilation cache hit for 'jit_(\w+)'", second))
     assert {"create", "train_step", "eval_step"} <= compiled
     assert compiled - hits == set(), "compiled afresh for another seed (a seed-dependent constant in the program?)"
+
+
+def test_next_seed_in_the_same_process_reuses_the_compiled_programs(tmp_path, reference_run):
+    # reference_run compiled this shape in this process; another seed and run_dir compile nothing.
+    with compilations() as compiled:
+        result = run(tiny_config(tmp_path / "s1", "train.seed=1"))
+    assert result.state == "done"
+    programs = [m for m in compiled if any(f"jit({p})" in m for p in ("create", "train_step", "eval_step"))]
+    assert programs == []
+    assert result.final["val_loss"] != rd.read_final(reference_run[0])["val_loss"]  # it did train another seed
