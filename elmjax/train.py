@@ -186,7 +186,8 @@ def _check_shapes(config: Config, mesh) -> None:
         )
 
 
-def _setup(config: Config, ckpt: Checkpointer, times: RunTimes) -> _Session:
+def _setup(config: Config, ckpt: Checkpointer, times: RunTimes | None = None) -> _Session:
+    times = times or RunTimes()
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
     replicated_dims = divisibility_report(config.model, mesh.shape)
