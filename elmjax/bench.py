@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from elmjax import budget_match
 from elmjax.config import Config, ExecutionConfig, MeshConfig, OptimizerConfig, TrainConfig
 from elmjax import config_io
 from elmjax.breakdown import component_times, format_breakdown
@@ -37,20 +38,20 @@ SMALL = ModelConfig(num_layers=8, model_dim=256, head_dim=32, num_gqa_groups=2, 
 
 
 def uniform_twin(cfg: ModelConfig) -> ModelConfig:
-    """Same width and depth, every layer alike, and the same parameter count as
-    closely as the layout's rounding allows: alpha near the mean per-layer
-    alpha (+-0.25) and beta in steps of 0.01 are searched together."""
-    alphas = layer_multipliers(cfg.qkv_multipliers, cfg.qkv_schedule, cfg.num_layers)
-    target = param_counts(cfg).total
-    mean_alpha = float(np.mean(alphas))
-    candidates = [
-        cfg.replace(qkv_multipliers=round(mean_alpha + da / 100, 2), ffn_multipliers=b / 100)
-        for da in range(-25, 26, 5)
-        if mean_alpha + da / 100 > 0
-        for b in range(10, 801)
-    ]
-    # Closest size first; among equals, the alpha closest to the mean.
-    return min(candidates, key=lambda c: (abs(param_counts(c).total - target), abs(c.qkv_multipliers - mean_alpha)))
+    """The uniform twin a params-budget sweep would train next to ``cfg`` at
+    its parameter count: one solver for both (``elmjax.budget_match``)."""
+    return budget_match.uniform_twin(cfg).model
+
+
+def describe_arm(cfg: ModelConfig) -> str:
+    """'model_dim 256, alpha 0.5-1.0 (linear), beta 0.5-4.0 (linear)': which model was measured."""
+    def span(value, schedule):
+        per_layer = layer_multipliers(value, schedule, cfg.num_layers)
+        lo, hi = min(per_layer), max(per_layer)
+        return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g} ({schedule})"
+
+    return (f"model_dim {cfg.model_dim}, alpha {span(cfg.qkv_multipliers, cfg.qkv_schedule)}, "
+            f"beta {span(cfg.ffn_multipliers, cfg.ffn_schedule)}")
 
 
 @dataclass
@@ -154,6 +155,12 @@ def main(argv=None) -> int:
     res = bench(cfg, execution, args.batch, args.seq_len, args.steps, args.rounds)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  dtype {execution.dtype}  "
           f"batch {args.batch}  seq_len {args.seq_len}")
+    arm = cfg
+    twin = uniform_twin(cfg)
+    print(f"layer-wise: {describe_arm(arm)}")
+    print(f"   uniform: {describe_arm(twin)}  (elmjax.budget_match.uniform_twin, as sweeps match twins: "
+          f"{param_counts(twin).total:,} vs {param_counts(arm).total:,} params, "
+          f"{param_counts(twin).total / param_counts(arm).total - 1:+.2%})")
     for name, r in res.items():
         mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"

@@ -34,6 +34,8 @@ from elmjax.finetune_config import FinetuneConfig, identity
 from elmjax.finetune_step import make_finetune_eval_step, make_finetune_step
 from elmjax.layout import train_flops_per_token
 from elmjax.optim import lr_schedule, make_optimizer
+from elmjax.programs import eval_chunk
+from elmjax.run_times import RunTimes
 from elmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from elmjax.state import TrainState, abstract_model
 from elmjax.train import (Interrupted, RunResult, _check_shapes, _Loop, _prepare_run_dir, _Session,
@@ -137,6 +139,7 @@ class _FinetuneLoop(_Loop):
         return _Session(config=config, mesh=mesh, state=state, start_step=start, data_state=data_state,
                         train_step=lambda st, b: step(st, base_arr, b),
                         eval_step=lambda ad, b, w: ev(ad, base_arr, b, w), batch_sharding=bsh,
+                        eval_chunk=eval_chunk(config, mesh), times=RunTimes(),
                         flops_per_token=train_flops_per_token(config.model, config.data.seq_len))
 
     def _open_data(self):

@@ -35,9 +35,6 @@ import numpy as np
 from flax import nnx
 
 MIN_BUCKET = 8
-# Trace counter of the compiled generation loop; tests read it to prove that
-# decoding does not recompile per token or per prompt length in a bucket.
-TRACES = {"generate": 0}
 
 
 def bucket_length(n: int, cap: int | None = None) -> int:
@@ -107,7 +104,6 @@ def sample(logits_BV, key, temperature, top_k, top_p, mode: str):
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new", "mode"))
 def _generate_core(graphdef, state, tokens_BP, lengths_B, stop_ids, temperature, top_k, top_p, key, *, max_new, mode):
-    TRACES["generate"] += 1
     model = nnx.merge(graphdef, state)
     B, P = tokens_BP.shape
     rows = jnp.arange(B)

@@ -12,8 +12,14 @@ A run directory holds::
                       "val_bpb", "val_acc", "time"}
     final.json       written once at the end of a finished run:
                      {"step", "tokens", "val_loss", "val_ppl", "val_bpb", "val_acc",
-                      "train_loss", "wall_time_s", "params", "non_embedding_params",
+                      "train_loss", "wall_time_s", "compile_s", "train_s", "eval_s",
+                      "checkpoint_s", "other_s", "params", "non_embedding_params",
                       "flops_per_token"}
+                     wall_time_s is the time of all attempts together (a resumed
+                     run adds the time its checkpoint recorded); the five *_s
+                     parts sum to it: compiling (and initialising the state),
+                     training steps, evaluation, checkpoint saves/restores, and
+                     the rest (start-up, data, logs); see ``elmjax.run_times``
     checkpoints/     orbax checkpoints (train state + data iterator state)
     tb/              TensorBoard event files
 

@@ -38,8 +38,6 @@ from elmjax.generate import bucket_length
 
 DEFAULT_TOKEN_BUDGET = 8192  # tokens per scoring batch: rows = budget // bucket
 DEFAULT_MAX_ROWS = 32
-# Trace counter of the compiled scorer; tests use it to prove one compilation per bucket.
-TRACES = {"score": 0}
 
 
 class LogLikelihood(NamedTuple):
@@ -65,7 +63,6 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int | 
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _score_batch(graphdef, state, tokens_BL, targets_BL, mask_BL):
-    TRACES["score"] += 1
     logits_BLV = nnx.merge(graphdef, state)(tokens_BL)
     # log p(target) = logit(target) - logsumexp(logits): never materialises the full log-softmax.
     target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]

@@ -35,8 +35,11 @@ def abstract_model(cfg: ModelConfig, **execution):
     return nnx.split(nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), **execution)))
 
 
-def init_params(cfg: ModelConfig, seed: int) -> dict:
-    return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+def init_params(cfg: ModelConfig, seed) -> dict:
+    """Fresh parameters; ``seed`` is an int or an int32 scalar (traced under jit)."""
+    # nnx.Rngs turns an int into random.key(int) itself; a traced seed needs the key made here.
+    key = seed if isinstance(seed, int) else jax.random.key(seed)
+    return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(key)), nnx.Param))
 
 
 def state_shardings(optimizer, param_sh: dict, abstract_state: TrainState, mesh) -> TrainState:
@@ -56,7 +59,7 @@ def state_shardings(optimizer, param_sh: dict, abstract_state: TrainState, mesh)
 class StateLayout:
     """How a run's train state is built and placed on ``mesh``."""
 
-    create: object  # () -> TrainState, freshly initialised
+    create: object  # (seed=train.seed) -> TrainState, freshly initialised
     shardings: TrainState  # explicit NamedShardings, leaf for leaf
     target: TrainState  # ShapeDtypeStructs with those shardings: the restore target
     param_shardings: dict
@@ -69,7 +72,10 @@ def state_layout(config: Config, mesh) -> StateLayout:
     optimizer = make_optimizer(config.optimizer, config.total_steps)
     seed = config.train.seed
 
-    def create() -> TrainState:
+    def create(seed=seed) -> TrainState:
+        # Jit it with the seed as an argument (``jax.jit(create)(np.int32(seed))``):
+        # as a closed-over int it is folded into the program, and every seed
+        # compiles (and caches) a program of its own.
         params = init_params(config.model, seed)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 

@@ -37,11 +37,11 @@ from elmjax.distributed import StopAgreement, maybe_initialize
 from elmjax.errors import UserError, one_line
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
-from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh,
-                             replicated)
-from elmjax.state import TrainState, abstract_model, state_layout
-from elmjax.train_program import check_batch, jit_train_step
-from elmjax.train_step import make_eval_step
+from elmjax.programs import compiled_programs
+from elmjax.run_times import RunTimes
+from elmjax.sharding import batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh
+from elmjax.state import TrainState, state_layout
+from elmjax.train_program import check_batch
 
 log = logging.getLogger("elmjax.train")
 
@@ -114,6 +114,7 @@ def run(config: Config, *, progress_callback=None) -> RunResult:
     if path is None:
         log.info("%s is already done", config.run_dir)
         return RunResult(Path(config.run_dir), "done", rd.read_final(config.run_dir))
+    times = RunTimes()
     lead = jax.process_index() == 0
     if lead:
         path.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def run(config: Config, *, progress_callback=None) -> RunResult:
         rd.write_status(path, "running", total_steps=config.total_steps)
     try:
         with _signals_to_flag() as stop:
-            return _train(config, path, stop, progress_callback)
+            return _train(config, path, stop, progress_callback, times)
     except Interrupted:
         raise
     except BaseException as e:
@@ -164,8 +165,10 @@ class _Session:
     data_state: dict | None
     train_step: object
     eval_step: object
+    eval_chunk: int
     batch_sharding: object
     flops_per_token: int
+    times: RunTimes
 
 
 def _check_shapes(config: Config, mesh) -> None:
@@ -183,33 +186,37 @@ def _check_shapes(config: Config, mesh) -> None:
         )
 
 
-def _setup(config: Config, ckpt: Checkpointer) -> _Session:
+def _setup(config: Config, ckpt: Checkpointer, times: RunTimes | None = None) -> _Session:
+    times = times or RunTimes()
     mesh = make_mesh(config.mesh)
     _check_shapes(config, mesh)
     replicated_dims = divisibility_report(config.model, mesh.shape)
     if replicated_dims:
         log.warning("%s", format_divisibility(replicated_dims, mesh.shape))
-    eval_graphdef, _ = abstract_model(config.model, attention=config.execution.attention)  # float32, no remat
     layout = state_layout(config, mesh)
-    shardings, param_sh = layout.shardings, layout.param_shardings
-    restored = ckpt.restore_latest(layout.target)
-    if restored is None:
-        state, data_state, start = jax.jit(layout.create, out_shardings=shardings)(), None, 0
-    else:
+    with times.measure("checkpoint"):
+        restored = ckpt.restore_latest(layout.target)
+    with times.measure("compile"):
+        # Compiled here, ahead of the loop, so compile_s is compiling alone
+        # (or nothing, when the last run of this process had the same shapes).
+        programs = compiled_programs(config, mesh, layout)
+        if restored is None:
+            state, data_state, start = programs.init_state(config.train.seed), None, 0
+    if restored is not None:
         state, data_state, start = restored
         log.info("resumed %s from step %d", config.run_dir, start)
-    bsh, rep = batch_sharding(mesh), replicated(mesh)
     return _Session(
         config=config,
         mesh=mesh,
         state=state,
         start_step=start,
         data_state=data_state,
-        train_step=jit_train_step(config, mesh, layout),  # the same program preflight compiles
-        eval_step=jax.jit(make_eval_step(eval_graphdef, mesh), in_shardings=(param_sh, bsh, batch_sharding(mesh, 1)),
-                          out_shardings=rep),
-        batch_sharding=bsh,
+        train_step=programs.train_step,
+        eval_step=programs.eval_step,
+        eval_chunk=programs.eval_chunk,
+        batch_sharding=batch_sharding(mesh),
         flops_per_token=train_flops_per_token(config.model, config.data.seq_len),
+        times=times,
     )
 
 
@@ -217,7 +224,7 @@ def evaluate(session: _Session, params, held=None, prefix: str = "val") -> dict:
     """Loss, perplexity, bits per byte and top-1 accuracy in float32 on ``held`` (default: the validation set)."""
     val = validation_set(session.config.data) if held is None else held
     rows = val.tokens
-    chunk = max(session.config.data.batch_size, batch_divisor(session.mesh))
+    chunk = session.eval_chunk
     pad = (-len(rows)) % chunk
     weights = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
     rows = np.concatenate([rows, np.zeros((pad, *rows.shape[1:]), rows.dtype)])
@@ -255,11 +262,12 @@ def _global(array: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def _train(config: Config, path: Path, stop, progress_callback) -> RunResult:
+def _train(config: Config, path: Path, stop, progress_callback, times: RunTimes) -> RunResult:
     lead = jax.process_index() == 0
-    ckpt = Checkpointer(path, config.checkpoint)
+    with times.measure("checkpoint"):
+        ckpt = Checkpointer(path, config.checkpoint)
     try:
-        session = _setup(config, ckpt)
+        session = _setup(config, ckpt, times)
         loop = _Loop(session, path, ckpt, stop, progress_callback, lead)
         return loop.run()
     finally:
@@ -275,10 +283,11 @@ class _Loop:
         self.cfg = cfg
         self.total = cfg.total_steps
         self.data = self._open_data()
-        self.wall_prev = 0.0
+        self.times = session.times
         if session.data_state is not None:
             self.data.set_state(session.data_state["iterator"])
-            self.wall_prev = float(session.data_state.get("wall_time_s", 0.0))
+            # Checkpoints of older versions hold only wall_time_s.
+            self.times.resume(session.data_state.get("times", session.data_state))
         self.metrics = rd.MetricsLog(path, resume_step=session.start_step) if lead else None
         self.pending: list[tuple[int, dict]] = []
         # The last fetched train metrics travel in the checkpoint, so a run
@@ -291,7 +300,6 @@ class _Loop:
             r.get("kind") == "eval" and r.get("step") == self.total for r in rd.read_metrics(path))
         self.agree = StopAgreement()
         self.stopping = False
-        self.t0 = time.time()
         self.window_start = (session.start_step, time.time())
 
     def _open_data(self):
@@ -310,7 +318,7 @@ class _Loop:
                    desc=cfg.name or Path(cfg.run_dir).name, unit="step", dynamic_ncols=True)
         try:
             step = s.start_step
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), self.times.measure("train"):
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
                 while step < self.total:
                     batch_np = next(self.data)
@@ -346,7 +354,8 @@ class _Loop:
             self._save(step)
         if self.stopping and not last:  # at the last step, just finish
             self._save(step)
-            self.ckpt.wait()
+            with self.times.measure("checkpoint"):
+                self.ckpt.wait()
             name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another process"
             if self.lead:
                 rd.write_status(self.path, "pending", step=step, total_steps=self.total,
@@ -399,7 +408,9 @@ class _Loop:
             self.callback(step, self.total, row)
 
     def _log_eval(self, step: int, emit: bool = True) -> dict:
-        ev = evaluate(self.s, self.s.state.params)
+        jax.block_until_ready(self.s.state)  # the steps dispatched so far are train time, not eval time
+        with self.times.measure("eval"):
+            ev = evaluate(self.s, self.s.state.params)
         if emit:
             self._emit({"kind": "eval", "step": step, "tokens": step * self.cfg.tokens_per_step, **ev, "time": time.time()})
         return ev
@@ -416,21 +427,27 @@ class _Loop:
     def _save(self, step: int) -> None:
         if not self.cfg.checkpoint.enabled:
             return
-        state = {"iterator": self.data.get_state(), "wall_time_s": self.wall_prev + time.time() - self.t0,
-                 "last_train": self.last_train}
-        self.ckpt.save(step, self.s.state, state)
+        jax.block_until_ready(self.s.state)  # the steps dispatched so far are train time
+        with self.times.measure("checkpoint"):
+            record = self.times.record()
+            # wall_time_s stays at the top level too: older versions resume from it.
+            state = {"iterator": self.data.get_state(), "wall_time_s": record["wall_time_s"], "times": record,
+                     "last_train": self.last_train}
+            self.ckpt.save(step, self.s.state, state)
 
     def _finish(self, step: int) -> RunResult:
         ev = self._log_eval(step, emit=not self.final_eval_logged)
         self._save(step)
-        self.ckpt.wait()
+        with self.times.measure("checkpoint"):
+            self.ckpt.wait()
         counts = param_counts(self.cfg.model)
+        times = self.times.record()
         final = {
             "step": step,
             "tokens": step * self.cfg.tokens_per_step,
             **ev,
             "train_loss": self.last_train.get("loss"),
-            "wall_time_s": self.wall_prev + time.time() - self.t0,
+            **times,  # wall_time_s and where it went (elmjax.run_times)
             "params": counts.total,
             "non_embedding_params": counts.non_embedding,
             "flops_per_token": self.s.flops_per_token,

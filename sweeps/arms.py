@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from elmjax.budget_match import mean_multipliers  # noqa: F401 - the twin's multipliers, shared with elmjax.bench
 from elmjax.config_io import suggest
 from elmjax.layout import layer_multipliers
 from elmjax.model_config import SCHEDULES, ModelConfig, Multipliers
@@ -193,13 +194,6 @@ def is_uniform(model: ModelConfig) -> bool:
     alphas = layer_multipliers(model.qkv_multipliers, model.qkv_schedule, model.num_layers)
     betas = layer_multipliers(model.ffn_multipliers, model.ffn_schedule, model.num_layers)
     return len(set(alphas)) == 1 and len(set(betas)) == 1
-
-
-def mean_multipliers(model: ModelConfig) -> tuple[float, float]:
-    """The arm's mean (alpha, beta) over depth: its twin is the same model without layer-wise scaling."""
-    alphas = layer_multipliers(model.qkv_multipliers, model.qkv_schedule, model.num_layers)
-    betas = layer_multipliers(model.ffn_multipliers, model.ffn_schedule, model.num_layers)
-    return round(sum(alphas) / len(alphas), 4), round(sum(betas) / len(betas), 4)
 
 
 def multiplier_range(value: Multipliers, schedule: str, num_layers: int) -> tuple[float, float]:

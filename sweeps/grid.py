@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from elmjax import config_io
+from elmjax.budget_match import DEFAULT_TOLERANCE
 from elmjax.config import Config
 from elmjax.config_io import ConfigError, suggest
 from sweeps.arms import Arm
@@ -45,7 +46,7 @@ TOP_KEYS = ("name", "description", "base", "axes", "zip", "exclude", "match", "e
 
 @dataclass(frozen=True)
 class Match:
-    tolerance: float = 0.01  # relative budget error allowed for every run
+    tolerance: float = DEFAULT_TOLERANCE  # relative budget error allowed for every run (0.01)
     twin: Literal["width", "multipliers"] = "width"  # how uniform twins are matched
     width_multiple: int | Literal["auto"] = "auto"  # model_dim step; auto: the closest width, coarsest of 128..1 if as close
     kind: Literal["params", "non_embedding_params", "flops"] = "params"  # twin matching without a budget axis

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from elmjax import run_dir as rd
 from elmjax.config_io import ConfigError, atomic_write
+from elmjax.run_times import TIME_KEYS
 from sweeps.evals import eval_columns
 from sweeps.locks import FileLock, holder
 from sweeps.plan import read_plan
@@ -25,6 +26,8 @@ PARQUET, CSV = "results.parquet", "results.csv"
 _LOCK = ".results.lock"
 _INT_COLUMNS = ("final_step", "tokens_seen", "seed", "num_layers", "model_dim", "head_dim", "num_gqa_groups",
                 "params", "non_embedding_params", "flops_per_token", "tokens", "seq_len", "batch_size")
+# From final.json; the time parts are missing (null) for runs finished by versions before they were recorded.
+_FLOAT_COLUMNS = ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s") + TIME_KEYS
 
 
 def read_run_status(run_dir: str | Path) -> dict:
@@ -49,7 +52,7 @@ def run_columns(run_dir: Path) -> dict:
     final = rd.read_final(run_dir) if state == "done" else None
     final = final or {}
     out = {"status": state, "error": error,
-           **{k: final.get(k) for k in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s")},
+           **{k: final.get(k) for k in _FLOAT_COLUMNS},
            **{k: final.get(k) for k in HELD_OUT_COLUMNS},
            "final_step": final.get("step"), "tokens_seen": final.get("tokens")}
     if state == "done":
@@ -81,7 +84,7 @@ def build_table(sweep_dir: str | Path):
     for col in _INT_COLUMNS:
         if col in df:
             df[col] = df[col].astype("Int64")
-    for col in ("val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "wall_time_s", "test_loss", "test_bpb"):
+    for col in (*_FLOAT_COLUMNS, "test_loss", "test_bpb"):
         df[col] = df[col].astype("float64")
     return df
 

@@ -21,7 +21,8 @@ PLAN_COLUMNS = (
     "params", "non_embedding_params", "flops_per_token", "tokens", "train_flops", "lr", "seq_len", "batch_size",
 )
 RUN_COLUMNS = ("status", "error", "val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss",
-               "final_step", "tokens_seen", "wall_time_s")
+               "final_step", "tokens_seen", "wall_time_s", "compile_s", "train_s", "eval_s", "checkpoint_s",
+               "other_s")
 # final.json's test-split metrics (empty without data.test_sequences) and the fingerprints of both
 # held-out splits, which must be the same for every run of a sweep (analysis.splits checks).
 HELD_OUT_COLUMNS = ("test_loss", "test_bpb", "val_fingerprint", "test_fingerprint")

@@ -29,6 +29,7 @@ from sweeps.plan import PLAN_FILE, build_plan, format_table
 from sweeps.preflight import add_arguments as add_preflight_arguments, run_preflight
 from sweeps.results import CSV, PARQUET, read_run_status
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
+from sweeps.status import format_time_shares, status_rows
 from sweeps.tune import describe, plan_stage, run_tuned
 
 SWEEP_MARKERS = (PLAN_FILE, GRID_COPY)  # a directory holding either is a sweep (a killed first start leaves only grid.yaml)
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nthis driver: {summary}")
+    shares = format_time_shares(status_rows(sweep_dir))
+    if shares:
+        print(shares)
     print(f"results: {sweep_dir / PARQUET} (and {CSV}); states: python -m sweeps.status {sweep_dir}")
     report = None if args.no_report else write_report(sweep_dir)
     if report is not None:

@@ -4,6 +4,23 @@ from elmjax.layout import layer_layout, param_counts
 from elmjax.model_config import ModelConfig, preset
 
 
+def test_bench_twin_is_the_twin_a_sweep_trains(tmp_path):
+    from sweeps.grid import load_grid
+    from sweeps.plan import build_plan
+    from sweep_helpers import TINY_BASE, write_grid
+
+    base = dict(TINY_BASE, model={**TINY_BASE["model"], "num_layers": 4})
+    arm = build_plan(load_grid(write_grid(tmp_path / "a.yaml", {"budget": {"kind": "params", "values": [4e5]}},
+                                          base)))[0].config.model
+    # A sweep whose budget is exactly the arm's size plans that arm and, next to it, the bench's twin.
+    runs = build_plan(load_grid(write_grid(tmp_path / "b.yaml", {
+        "budget": {"kind": "params", "values": [param_counts(arm).total]}}, base)))
+    (planned_arm,), (planned_twin,) = [r for r in runs if not r.is_twin], [r for r in runs if r.is_twin]
+    assert planned_arm.config.model == arm
+    assert planned_twin.config.model == uniform_twin(arm)
+    assert len(set(layer_layout(uniform_twin(arm)))) == 1
+
+
 def test_uniform_twin_is_uniform_and_matches_size():
     for cfg in (preset("OpenELM-270M"), preset("OpenELM-1_1B")):
         twin = uniform_twin(cfg)

@@ -19,6 +19,7 @@ from flax import nnx
 from elmjax import run_dir as rd, tb_log
 from elmjax.checkpoint import CheckpointError, load_model
 from elmjax.config_io import ConfigError
+from elmjax.run_times import TIME_KEYS
 from elmjax.train import run
 from train_helpers import tiny_config
 
@@ -65,7 +66,8 @@ def _without(row, keys):
 def _assert_same_record(d, reference):
     """final.json and metrics.jsonl as the uninterrupted run wrote them."""
     assert rd.read_status(d)["state"] == "done"
-    assert _without(rd.read_final(d), ("wall_time_s",)) == _without(rd.read_final(reference), ("wall_time_s",))
+    wall = ("wall_time_s",) + TIME_KEYS
+    assert _without(rd.read_final(d), wall) == _without(rd.read_final(reference), wall)
     got = [_without(r, TIMING) for r in rd.read_metrics(d)]
     want = [_without(r, TIMING) for r in rd.read_metrics(reference)]
     assert got == want
@@ -176,8 +178,19 @@ def test_sigkill_then_resume_gives_the_same_metrics_and_tensorboard(tmp_path, re
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     assert rd.read_status(d)["state"] == "running"
     assert max(r["step"] for r in rd.read_metrics(d)) == 14
+    # The checkpoint the rerun resumes from (10 may still have been in the middle of its async save).
+    latest = max((p for p in (d / "checkpoints").iterdir() if p.name.isdigit() and (p / "data" / "metadata").exists()),
+                 key=lambda p: int(p.name))
+    saved = json.loads((latest / "data" / "metadata").read_text())["times"]
     run(tiny_config(d))
     _assert_same_record(d, reference)
+    # The times of the killed attempt (up to its checkpoint) carry over, like wall_time_s.
+    final = rd.read_final(d)
+    for key in ("wall_time_s",) + TIME_KEYS:
+        assert final[key] >= saved[key] >= 0, key
+    for key in ("wall_time_s", "train_s"):  # the killed attempt trained, and so did the rerun
+        assert final[key] > saved[key] > 0, key
+    assert sum(final[k] for k in TIME_KEYS) == pytest.approx(final["wall_time_s"])
     _assert_same_params(load_model(d), load_model(reference))
     tb = tb_log.scalars(d / "tb")
     train = [r for r in rd.read_metrics(d) if r["kind"] == "train"]

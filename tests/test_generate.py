@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 
 import elmjax
-from elmjax.generate import (TRACES, decode_step, generate, generate_recompute, main, prefill, sample,
+from elmjax.generate import (decode_step, generate, generate_recompute, main, prefill, sample,
                              tokenizer_spec_for)
 from elmjax.hf_interop import save_pretrained
 from elmjax.layout import layer_layout
 from elmjax.bench_generate import random_model
 from elmjax.model_config import ModelConfig
+from compile_log import compilations
 from elmjax.tokenizer import ByteTokenizer
 
 # Two layers with different kv head counts (1 and 2): the caches differ in shape per layer.
@@ -73,12 +74,12 @@ def test_batched_generation_equals_one_by_one(model):
 
 def test_decode_loop_compiles_once_per_shape(model):
     generate(model, [[1, 2, 3]], 10)
-    before = TRACES["generate"]
-    # Another prompt length in the same bucket, other sampling values, same mode: no retrace.
-    generate(model, [[4, 5, 6, 7, 8]], 10)
-    generate(model, [[4, 5]], 10, temperature=0.7, top_k=5, seed=1)
-    generate(model, [[4, 5]], 10, temperature=1.3, top_p=0.5, seed=2)
-    assert TRACES["generate"] - before == 1  # only the 'filter' sampling mode traced
+    with compilations("_generate_core") as compiled:
+        # Another prompt length in the same bucket, other sampling values, same mode: no recompilation.
+        generate(model, [[4, 5, 6, 7, 8]], 10)
+        generate(model, [[4, 5]], 10, temperature=0.7, top_k=5, seed=1)
+        generate(model, [[4, 5]], 10, temperature=1.3, top_p=0.5, seed=2)
+    assert len(compiled) == 1  # only the 'filter' sampling mode compiled
 
 
 def test_stop_tokens_end_each_row(model):

@@ -8,8 +8,9 @@ from flax import nnx
 
 from elmjax.bench_generate import random_model
 from elmjax.model_config import ModelConfig
-from elmjax.scoring import (TRACES, _score_batch, choice_metrics, encode_pair, loglikelihood, loglikelihood_rolling, mean_stderr,
+from elmjax.scoring import (_score_batch, choice_metrics, encode_pair, loglikelihood, loglikelihood_rolling, mean_stderr,
                             rolling_windows)
+from compile_log import compilations
 from elmjax.tokenizer import ByteTokenizer
 
 TINY = ModelConfig(num_layers=2, model_dim=64, head_dim=16, num_gqa_groups=2, ffn_dim_divisor=16, max_context_length=64)
@@ -72,11 +73,11 @@ def test_is_greedy_flags_the_argmax_continuation(model):
 def test_one_compilation_per_length_bucket(model):
     reqs = [([1] * n, [2, 3]) for n in (3, 5, 20, 30)]  # inputs 4, 6 -> bucket 8; 21, 31 -> bucket 32
     _score_batch.clear_cache()
-    TRACES["score"] = 0
-    loglikelihood(model, reqs, token_budget=256)
-    assert TRACES["score"] == 2
-    loglikelihood(model, [([4] * n, [5]) for n in (2, 7, 17, 25, 31)], token_budget=256)
-    assert TRACES["score"] == 2  # same buckets, other lengths and counts: no recompilation
+    with compilations("_score_batch") as compiled:
+        loglikelihood(model, reqs, token_budget=256)
+        assert len(compiled) == 2
+        loglikelihood(model, [([4] * n, [5]) for n in (2, 7, 17, 25, 31)], token_budget=256)
+        assert len(compiled) == 2  # same buckets, other lengths and counts: no recompilation
 
 
 def test_long_inputs_keep_the_last_max_length_tokens(model):

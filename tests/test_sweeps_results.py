@@ -21,9 +21,11 @@ CONTRACT = [
     "alpha_min", "alpha_max", "beta_min", "beta_max", "q_heads", "kv_heads", "ffn_dims", "params",
     "non_embedding_params", "flops_per_token", "tokens", "train_flops", "lr", "seq_len", "batch_size",
     "val_loss", "val_ppl", "val_bpb", "val_acc", "train_loss", "final_step", "tokens_seen", "wall_time_s",
+    "compile_s", "train_s", "eval_s", "checkpoint_s", "other_s",
 ]
 FINAL = {"step": 20, "tokens": 2560, "val_loss": 2.0, "val_ppl": 7.389, "val_bpb": 2.9, "val_acc": 0.4,
-         "train_loss": 2.1, "wall_time_s": 12.5, "params": 1, "non_embedding_params": 1, "flops_per_token": 1}
+         "train_loss": 2.1, "wall_time_s": 12.5, "compile_s": 2.0, "train_s": 9.0, "eval_s": 0.5,
+         "checkpoint_s": 0.5, "other_s": 0.5, "params": 1, "non_embedding_params": 1, "flops_per_token": 1}
 
 
 @pytest.fixture()
@@ -57,7 +59,8 @@ def test_table_follows_the_contract_and_the_run_directories(sweep):
     assert "interrupted" in df["error"][4] and "out of memory" in df["error"][1]
     done = df.iloc[0]
     assert (done.val_loss, done.val_bpb, done.final_step, done.tokens_seen, done["eval.toy.acc"]) == (2.0, 2.9, 20, 2560, 0.5)
-    assert df["val_loss"][1:].isna().all()
+    assert (done.wall_time_s, done.train_s, done.compile_s) == (12.5, 9.0, 2.0)
+    assert df["val_loss"][1:].isna().all() and df["train_s"][1:].isna().all()
     assert str(df["final_step"].dtype) == "Int64" and df["params"].gt(0).all()
     assert df["twin"][0] == df["run"][1] and bool(df["is_uniform"][1])
     csv = pd.read_csv(sweep_dir / CSV)

@@ -58,3 +58,22 @@ def test_latest_metrics_reads_only_the_tail(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert status.latest_metrics(tmp_path)["train"]["step"] == 19999
     assert "eval" not in status.latest_metrics(tmp_path)
+
+
+def test_status_shows_the_share_of_wall_time_in_training_steps(tmp_path, capsys):
+    sweep_dir, runs = make_sweep(tmp_path)
+    d = [r.config.run_dir for r in runs]
+    times = [{"wall_time_s": 10.0, "compile_s": 2.0, "train_s": 7.0, "eval_s": 0.5, "checkpoint_s": 0.3, "other_s": 0.2},
+             {"wall_time_s": 30.0, "compile_s": 1.0, "train_s": 27.0, "eval_s": 1.0, "checkpoint_s": 0.5, "other_s": 0.5}]
+    for run_dir, t in zip(d, times):
+        rd.write_status(run_dir, "done", step=20, total_steps=20)
+        rd.write_final(run_dir, {"val_loss": 1.0, "step": 20, **t})
+    rd.write_status(d[2], "done", step=20, total_steps=20)
+    rd.write_final(d[2], {"val_loss": 1.0, "step": 20, "wall_time_s": 5.0})  # finished before times were recorded
+    assert status.main([str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert lines[runs[0].name].split()[-1] == "70%" and lines[runs[1].name].split()[-1] == "90%"
+    assert lines[runs[2].name].split()[-1] == "-"
+    # 34 of 40 s in the two runs that recorded it: 85%.
+    assert "time: 40 s in 2 finished run(s); training steps 85% of it (compile 8%, eval 4%, checkpoint 2%, other 2%)" in out

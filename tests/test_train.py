@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from flax import nnx
 from elmjax import run_dir as rd
 from elmjax.checkpoint import load_model
 from elmjax.config_io import ConfigError
+from elmjax.run_times import TIME_KEYS
 from elmjax.train import run
+from compile_log import compilations
 from train_helpers import tiny_config, write_config
 
 
@@ -56,6 +59,10 @@ def test_run_writes_the_run_directory_contract(reference_run):
     assert 0.98 < bpt <= 1.0
     assert final["val_bpb"] == pytest.approx(final["val_loss"] / np.log(2) / bpt, rel=1e-9)
     assert 0 < final["val_acc"] < 1
+    # Where the wall time went: every part measured, and together they are the wall time.
+    assert all(final[k] > 0 for k in ("compile_s", "train_s", "eval_s", "checkpoint_s")), final
+    assert final["other_s"] >= 0
+    assert sum(final[k] for k in TIME_KEYS) == pytest.approx(final["wall_time_s"])
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
     assert list((d / "tb").iterdir())
 
@@ -197,8 +204,8 @@ def test_cli_rejects_unknown_keys(tmp_path):
 def test_persistent_compilation_cache_is_reused(tmp_path):
     cache = tmp_path / "xla-cache"
 
-    def train(name):
-        cfg = tiny_config(tmp_path / name, "train.steps=2", "train.eval_every=100", cache=cache)
+    def train(name, *overrides):
+        cfg = tiny_config(tmp_path / name, "train.steps=2", "train.eval_every=100", *overrides, cache=cache)
         env = dict(os.environ, JAX_LOG_COMPILES="1")  # makes JAX log cache hits and misses
         out = subprocess.run([sys.executable, "-m", "elmjax.train", str(write_config(cfg, tmp_path / f"{name}.yaml"))],
                              capture_output=True, text=True, env=env)
@@ -209,5 +216,20 @@ def test_persistent_compilation_cache_is_reused(tmp_path):
     assert "Finished XLA compilation of jit(train_step)" in first
     assert "cache hit for 'jit_train_step'" not in first
     assert any(cache.rglob("*")), "nothing was written to the compilation cache"
-    second = train("b")  # same shapes, a fresh process: the train step is not recompiled
+    second = train("b", "train.seed=1")  # same shapes, another seed, a fresh process: nothing is recompiled
     assert "Persistent compilation cache hit for 'jit_train_step'" in second
+    compiled = set(re.findall(r"Finished XLA compilation of jit\((\w+)\)", second))
+    hits = set(re.findall(r"Persistent compilation cache hit for 'jit_(\w+)'", second))
+    assert {"create", "train_step", "eval_step"} <= compiled
+    assert compiled - hits == set(), "compiled afresh for another seed (a seed-dependent constant in the program?)"
+
+
+def test_next_seed_in_the_same_process_reuses_the_compiled_programs(tmp_path):
+    first = run(tiny_config(tmp_path / "s0", "train.steps=3", "train.eval_every=100"))
+    # Another seed and run_dir, the same shapes: the programs compiled for the first run are reused.
+    with compilations() as compiled:
+        result = run(tiny_config(tmp_path / "s1", "train.steps=3", "train.eval_every=100", "train.seed=1"))
+    assert result.state == "done"
+    programs = [m for m in compiled if any(f"jit({p})" in m for p in ("create", "train_step", "eval_step"))]
+    assert programs == []
+    assert result.final["val_loss"] != first.final["val_loss"]  # it did train another seed
