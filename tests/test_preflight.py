@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,7 +204,8 @@ def test_device_check_runs_all_stages_on_cpu_with_tiny_settings(tmp_path):
     summary = out.stdout.split("=== device check summary")[1]
     for stage in ("preflight", "bench", "train"):
         assert f"{stage:<9} exit 0" in summary
-    assert "tokens/s over steps 3-4, MFU n/a" in summary  # CPUs have no published peak
+    # CPUs have no published peak; elmjax.hardware measures this machine's once, so MFU is a percentage.
+    assert re.search(r"tokens/s over steps 3-4, MFU \d+(\.\d+)?%", summary), summary
     assert "per-device memory" in out.stdout and "ratio layer-wise / uniform" in out.stdout
 
 
