@@ -303,6 +303,16 @@ def read_tensors(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return tensors
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or a CheckpointError naming it (missing or invalid)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> OpenELM:
     """An OpenELM model from a local Hub-layout directory.
 
@@ -310,13 +320,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> OpenELM:
     dtype ('float32' or 'bfloat16')."""
     path = Path(path)
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{cfg_file}: no such file")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    cfg = config_from_hf(hf, str(cfg_file))
+    cfg = config_from_hf(read_json(cfg_file), str(cfg_file))
     params = params_from_hf(cfg, read_tensors(path, cfg))
     abstract = nnx.eval_shape(lambda: OpenELM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)

@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 
 from elmjax.checkpoint import CheckpointError
 from elmjax.config_io import atomic_write, atomic_write_text
-from elmjax.hf_interop import qkv_from_hub_order, qkv_to_hub_order
+from elmjax.hf_interop import qkv_from_hub_order, qkv_to_hub_order, read_json
 from elmjax.layout import layer_layout
 from elmjax.model_config import ModelConfig
 from elmjax.peft import PeftConfig
@@ -142,10 +142,7 @@ def load_adapters(path: str | Path, model_cfg: ModelConfig) -> tuple[dict, PeftC
     for f in (cfg_file, weights):
         if not f.is_file():
             raise CheckpointError(f"{f}: no such file (not a PEFT adapter directory)")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    hf = read_json(cfg_file)
     cfg = config_from_adapter(hf, str(cfg_file))
     try:
         layers = cfg.layer_indices(model_cfg.num_layers)
