@@ -1,4 +1,4 @@
-"""What every ``python -m elmjax.*`` command shares: argument types and logging.
+"""What every ``python -m elmjax.*`` command shares: argument types, logging and exit statuses.
 
 Pure Python: importing it never pulls in JAX.
 """
@@ -9,6 +9,8 @@ import argparse
 import contextlib
 import logging
 import sys
+
+from elmjax.errors import one_line
 
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
@@ -58,3 +60,20 @@ def cli_logging(level: int = logging.INFO):
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+def user_error_exit(error: BaseException, debug: bool) -> int:
+    """A user's mistake as one 'error:' line and exit status 2 (with --debug, its traceback)."""
+    if debug:
+        raise error
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    return 2
+
+
+def run_exit(result, done_line) -> int:
+    """Exit status of a finished training run: 1 if it diverged, else 0 after printing ``done_line(final)``."""
+    if result.state == "diverged":
+        print(f"run diverged: see {result.run_dir / 'status.json'}", file=sys.stderr)
+        return 1
+    print(done_line(result.final))
+    return 0

@@ -26,10 +26,10 @@ from flax import nnx
 
 from elmjax import config_io, peft, run_dir as rd
 from elmjax.checkpoint import Checkpointer, load_model
-from elmjax.cli import cli_logging
+from elmjax.cli import cli_logging, run_exit, user_error_exit
 from elmjax.config_io import ConfigError
 from elmjax.distributed import maybe_initialize
-from elmjax.errors import UserError, one_line
+from elmjax.errors import UserError
 from elmjax.finetune_config import FinetuneConfig, identity
 from elmjax.finetune_step import make_finetune_eval_step, make_finetune_step
 from elmjax.layout import train_flops_per_token
@@ -207,17 +207,9 @@ def main(argv=None) -> int:
         print(f"interrupted ({e}); rerun the same command to resume", file=sys.stderr)
         return 130
     except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    if result.state == "diverged":
-        print(f"run diverged: see {result.run_dir / 'status.json'}", file=sys.stderr)
-        return 1
-    f = result.final
-    print(f"done: {result.run_dir}  val_loss {f['val_loss']:.4f}  adapter params {f['adapter_params']}  "
-          f"({f['step']} steps, {f['wall_time_s']:.0f} s)")
-    return 0
+        return user_error_exit(e, args.debug)
+    return run_exit(result, lambda f: f"done: {result.run_dir}  val_loss {f['val_loss']:.4f}  "
+                                      f"adapter params {f['adapter_params']}  ({f['step']} steps, {f['wall_time_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ import numpy as np
 
 from elmjax import config_io, run_dir as rd, tb_log
 from elmjax.checkpoint import Checkpointer
-from elmjax.cli import cli_logging
+from elmjax.cli import cli_logging, run_exit, user_error_exit
 from elmjax.config import Config, identity
 from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.data import batch_fingerprint, test_set, tokenizer_spec, train_iterator, validation_set, vocab_size
 from elmjax.distributed import StopAgreement, maybe_initialize
-from elmjax.errors import UserError, one_line
+from elmjax.errors import UserError
 from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.programs import compiled_programs
@@ -492,17 +492,9 @@ def main(argv=None) -> int:
     except UserError as e:
         # A mistake in the config, data, tokenizer or mesh: one line naming
         # the key or file. Anything else is a bug and keeps its traceback.
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    if result.state == "diverged":
-        print(f"run diverged: see {result.run_dir / 'status.json'}", file=sys.stderr)
-        return 1
-    f = result.final
-    print(f"done: {result.run_dir}  val_loss {f['val_loss']:.4f}  val_bpb {f['val_bpb']:.4f}  "
-          f"val_acc {f['val_acc']:.4f}  ({f['step']} steps, {f['wall_time_s']:.0f} s)")
-    return 0
+        return user_error_exit(e, args.debug)
+    return run_exit(result, lambda f: f"done: {result.run_dir}  val_loss {f['val_loss']:.4f}  val_bpb {f['val_bpb']:.4f}  "
+                                      f"val_acc {f['val_acc']:.4f}  ({f['step']} steps, {f['wall_time_s']:.0f} s)")
 
 
 if __name__ == "__main__":
