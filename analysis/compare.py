@@ -9,6 +9,9 @@
 * :func:`effective_multiplier`: how many uniform parameters (or FLOPs) reach
   the arm's loss, read off a power law fitted to the uniform runs; the
   interval resamples both the uniform runs (refitting) and the arm's seeds.
+* :func:`arm_differences`: each arm minus one reference arm (layer-wise
+  against layer-wise, e.g. reverse - linear), paired by budget and seed
+  with the same interval and verdict rules;
 * :func:`rank_arms`: arms (twins included) ranked by mean metric at each
   budget, with rank intervals and the probability of being best; each
   arm's mean gets an interval by the same seed-count rule as the paired
@@ -209,6 +212,37 @@ def _diff_row(key: dict, d: np.ndarray, good: pd.DataFrame, dropped: int, metric
         row["verdict"] = "no clear difference"
     row["note"] = "; ".join(notes)
     return row
+
+
+def arm_differences(df: pd.DataFrame, reference: str, metric: str = "val_loss", *, n_boot: int = 2000,
+                    level: float = DEFAULT_LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Each arm (twins included, under :func:`arm_labels`) minus arm ``reference``, paired by budget and seed.
+
+    The same columns, intervals, verdicts and notes as :func:`paired_differences`,
+    with ``twin_mean`` the reference arm's mean (``rel_diff`` is relative to it).
+    Raises ValueError naming the arms present if ``reference`` is not one.
+    """
+    ok = _ok(df, metric)
+    data = df[ok].assign(arm=arm_labels(df[ok]))
+    if reference not in set(data["arm"]):
+        raise ValueError(f"arm_differences: no finished runs of arm {reference!r}; arms: {sorted(set(data['arm']))}")
+    ctx = context_columns(df)
+    keys = ["sweep", "budget_kind", "budget", *ctx]
+    base = data[data["arm"] == reference][keys + ["seed", metric, "params"]]
+    rows = []
+    rng = np.random.default_rng(seed)
+    for arm in sorted(set(data["arm"]) - {reference}):
+        mine = data[data["arm"] == arm][keys + ["seed", metric, "params"]]
+        p = mine.merge(base, on=keys + ["seed"], suffixes=("", "_ref"))
+        p = p.rename(columns={metric: "arm_value", f"{metric}_ref": "twin_value", "params": "arm_params",
+                              "params_ref": "twin_params"})
+        for key, g in p.groupby(keys, dropna=False, sort=True):
+            d = (g["arm_value"] - g["twin_value"]).groupby(g["seed"]).mean().to_numpy()
+            rows.append(_diff_row({"arm": arm, "reference": reference, **dict(zip(keys, key))}, d, g, 0, metric,
+                                  n_boot, level, rng))
+    cols = ["sweep", "arm", "reference", "budget_kind", "budget", *ctx, "n_pairs", "dropped", "diff", "low", "high",
+            "interval", "rel_diff", "arm_mean", "twin_mean", "seed_sd", "size_gap", "verdict", "note"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 @dataclass(frozen=True, eq=False)

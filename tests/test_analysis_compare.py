@@ -193,3 +193,25 @@ def test_rank_arms_gives_few_seeds_no_or_t_intervals_and_says_so():
             assert r["low"].notna().all() and not r["note"].str.contains("rough").any()
         if seeds < 5:
             assert r["note"].str.contains("rough").all()
+
+
+def test_arm_differences_pair_two_layer_wise_arms_by_budget_and_seed():
+    from analysis.compare import arm_differences
+
+    df = results_frame(effect=-0.03, noise=0.002, seed=3)
+    # a second layer-wise arm, 0.02 worse than 'deep' on the same seeds (shared seed effect)
+    deep = df[df["arm"] == "deep"]
+    rev = deep.assign(arm="rev", run=deep["run"].str.replace("d-", "r-"), alpha_min=1.0,
+                      val_loss=deep["val_loss"] + 0.02 + np.random.default_rng(0).normal(0, 0.002, len(deep)))
+    df = pd.concat([df, rev], ignore_index=True)
+    d = arm_differences(df, "deep", n_boot=500)
+    rev_rows = d[d["arm"] == "rev"]
+    assert list(rev_rows["n_pairs"]) == [6, 6]
+    np.testing.assert_allclose(rev_rows["diff"], 0.02, atol=0.004)
+    assert (rev_rows["verdict"] == "arm worse").all()
+    # pairing by seed removes the shared seed effect (sd 0.05): intervals are far narrower than it
+    assert (rev_rows["high"] - rev_rows["low"] < 0.01).all()
+    twin_rows = d[d["arm"] != "rev"]
+    np.testing.assert_allclose(twin_rows["diff"], 0.03, atol=0.005)  # the uniform twin is 0.03 worse than deep
+    with pytest.raises(ValueError, match="no finished runs of arm 'nope'"):
+        arm_differences(df, "nope")
