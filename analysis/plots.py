@@ -264,3 +264,27 @@ def plot_tuning_curves(curves: pd.DataFrame, budget: float, axis: str = "optimiz
         _clip_y(ax, g["mean"].to_numpy(float))
         ax.legend(fontsize=8)
     return fig
+
+
+def plot_lr_transfer(curves: pd.DataFrame, metric: str = "val_loss") -> Figure:
+    """Loss against lr (log x), one line per width, one panel per parametrization; stars mark each width's best."""
+    params = sorted(curves["parametrization"].astype(str).unique()) or ["standard"]
+    fig, axes = _figure(ncols=len(params), sharey=True)
+    colors = palette(curves["width"].astype(str))
+    for ax, param in zip(axes[0], params):
+        g = curves[curves["parametrization"].astype(str) == param]
+        for width, w in g.groupby("width", sort=True):
+            w = w.sort_values("lr")
+            c = colors[str(width)]
+            ax.errorbar(w["lr"], w["mean"], yerr=w["sd"].fillna(0.0), marker="o", capsize=3, color=c,
+                        label=f"width {width}")
+            ok = w[np.isfinite(w["mean"])]
+            if len(ok):
+                best = ok.loc[ok["mean"].idxmin()]
+                ax.plot([best["lr"]], [best["mean"]], marker="*", markersize=14, color=c, linestyle="")
+        ax.set_xscale("log")
+        ax.set(xlabel="optimizer.lr", ylabel=f"{metric} (mean over seeds)", title=f"{param} (star: best per width)")
+        if len(g):
+            _clip_y(ax, g["mean"].to_numpy(float))
+            ax.legend(fontsize=8)
+    return fig
