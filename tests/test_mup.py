@@ -154,3 +154,21 @@ def test_bad_parametrization_settings_are_clear(tmp_path, text, match):
         config_io.load(Config, path)
     with pytest.raises(ValueError, match="parametrization|mup_base_width"):
         ModelConfig(**config_io.load_yaml(path)["model"])
+
+
+def test_cached_decoding_uses_the_mup_scales():
+    from elmjax.generate import decode_step, prefill
+
+    cfg = LAYERWISE.replace(num_layers=2, model_dim=64, max_context_length=32, mup_base_width=32)
+    model = OpenELM(cfg, rngs=nnx.Rngs(2))
+    seqs = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 10)))
+    forward = nnx.jit(lambda m, t: m(t))
+    full = np.asarray(forward(model, seqs))
+    logits, caches = nnx.jit(prefill, static_argnums=2)(model, seqs[:, :8], 10)
+    np.testing.assert_allclose(logits, full[:, :8], atol=2e-5, rtol=2e-5)
+    step_logits, _ = nnx.jit(decode_step)(model, seqs[:, 8], jnp.array([8, 8]), caches)
+    np.testing.assert_allclose(step_logits, full[:, 8], atol=2e-5, rtol=2e-5)
+    # The same weights run as a standard model differ: the scales are in play.
+    standard = nnx.merge(nnx.split(OpenELM(cfg.replace(parametrization="standard"), rngs=nnx.Rngs(2)))[0],
+                         nnx.state(model, nnx.Param))
+    assert np.abs(np.asarray(forward(standard, seqs)) - full).max() > 0.05
