@@ -177,3 +177,32 @@ def test_cached_decoding_uses_the_mup_scales():
     standard = nnx.merge(nnx.split(OpenELM(cfg.replace(parametrization="standard"), rngs=nnx.Rngs(2)))[0],
                          nnx.state(model, nnx.Param))
     assert np.abs(np.asarray(forward(standard, seqs)) - full).max() > 0.05
+
+
+def test_mup_run_resumes_exactly_and_loads_as_mup(tmp_path):
+    """The muP optimizer state (one more, empty, stage in the chain) goes
+    through checkpoints: a run resumed from step 3 ends where the
+    uninterrupted one does, and the run directory loads as a muP model."""
+    import shutil
+
+    from elmjax import run_dir as rd
+    from elmjax.checkpoint import load_model
+    from elmjax.train import run
+    from train_helpers import tiny_config
+
+    overrides = ("model.parametrization=mup", "model.mup_base_width=32", "train.steps=6", "checkpoint.every=3",
+                 "train.eval_every=100", "train.log_every=1")
+    ref = tmp_path / "ref"
+    assert run(tiny_config(ref, *overrides)).state == "done"
+    d = tmp_path / "resumed"
+    shutil.copytree(ref, d)
+    shutil.rmtree(d / "checkpoints" / "6")
+    (d / "final.json").unlink()
+    rd.write_status(d, "running", step=3, total_steps=6)
+    assert run(tiny_config(d, *overrides)).state == "done"
+    losses = lambda p: [r["loss"] for r in rd.read_metrics(p) if r["kind"] == "train"]
+    np.testing.assert_allclose(losses(d), losses(ref), rtol=1e-5)
+    model = load_model(d)
+    assert model.cfg.parametrization == "mup" and model.cfg.mup_base_width == 32
+    for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(load_model(ref), nnx.Param))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
