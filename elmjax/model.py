@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
 from elmjax import mup
+from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
 from elmjax.sharding import constrain
