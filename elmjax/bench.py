@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from flax import nnx
 
 from elmjax import budget_match
 from elmjax.config import Config, ExecutionConfig, MeshConfig, OptimizerConfig, TrainConfig
@@ -29,6 +30,7 @@ from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.hardware import mfu, peak_flops
 from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
 from elmjax.model_config import ModelConfig, preset
+from elmjax.mup import lr_multipliers
 from elmjax.optim import lr_schedule, make_optimizer
 from elmjax.sharding import batch_sharding, make_mesh
 from elmjax.state import abstract_model, state_layout
@@ -173,7 +175,9 @@ def main(argv=None) -> int:
         source = "measured, cached" if jax.devices()[0].platform == "cpu" else "published"
         print(f"MFU against a peak of {peak / 1e9:,.0f} GFLOP/s per device ({source})")
     if not args.no_breakdown:
-        optimizer = make_optimizer(OptimizerConfig(warmup_steps=2), 1000)
+        # The optimizer training would use: muP's per-matrix multipliers included.
+        abstract_params = nnx.to_pure_dict(abstract_model(cfg)[1])
+        optimizer = make_optimizer(OptimizerConfig(warmup_steps=2), 1000, lr_multipliers(cfg, abstract_params))
         times = component_times(cfg, optimizer, args.batch, args.seq_len, dtype=execution.dtype)
         print("layer-wise step by component:")
         print(format_breakdown(times, res["layer-wise"]["step_s"]))

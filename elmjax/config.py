@@ -212,6 +212,10 @@ def identity(cfg: Config) -> dict:
     # leaving it out keeps those runs' names and resume checks.
     if d["model"].get("head_multiple") == 1:
         del d["model"]["head_multiple"]
+    # Likewise the standard parametrization; mup_base_width is read only under muP.
+    if d["model"].get("parametrization") == "standard":
+        del d["model"]["parametrization"]
+        d["model"].pop("mup_base_width", None)
     # Likewise no test split (test_sequences=0), the only behaviour before the field existed.
     if d["data"].get("test_sequences") == 0:
         del d["data"]["test_sequences"]

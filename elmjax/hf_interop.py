@@ -5,6 +5,15 @@ shards listed in ``model.safetensors.index.json``). PyTorch ``Linear``
 weights are [out, in]; the fused QKV weight's rows are all query heads, then
 key heads, then value heads; ``ffn.proj_1``'s rows are the SiLU gate, then the
 linear branch. Nothing here downloads: ``path`` is a local directory.
+
+The Hub layout is OpenELM's standard parametrization. A muP model
+(``elmjax.mup``) is exported with its forward multipliers folded into the
+weights, so any OpenELM implementation computes the same logits: the logit
+multiplier into the final norm's gain, and the ratio of muP's attention scale
+to OpenELM's (1/head_dim over 1/sqrt(head_dim)) into the query: the q_norm
+gain with QK-norm, else the query rows of the qkv weight (RoPE is linear, so
+scaling q before it scales the scores alike). Its config.json is a standard
+one; loading it back gives a standard model with the same logits.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from safetensors.numpy import save_file
 from elmjax.checkpoint import CheckpointError
 from elmjax.config_io import atomic_write, atomic_write_text, to_dict
 from elmjax.errors import UserError
+from elmjax import mup
 from elmjax.layout import layer_layout
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
@@ -124,8 +134,22 @@ def _check_heads(cfg: ModelConfig, hf: dict, source: str) -> None:
             raise CheckpointError(f"{source}: {key} {list(hf[key])} disagrees with the derived layout {got}")
 
 
+def exported_config(cfg: ModelConfig) -> ModelConfig:
+    """The config of ``cfg``'s Hub export: the same model in the standard parametrization."""
+    return cfg.replace(parametrization="standard", mup_base_width=ModelConfig.mup_base_width)
+
+
+def _elmjax_section(cfg: ModelConfig) -> dict:
+    # Standard (always, after export) leaves the muP keys out, so the section
+    # reads the same as before muP existed, and older elmjax versions load it.
+    d = to_dict(exported_config(cfg))
+    del d["parametrization"], d["mup_base_width"]
+    return d
+
+
 def config_to_hf(cfg: ModelConfig, torch_dtype: str, tokenizer=None) -> dict:
-    """The Hub config.json mapping; ``tokenizer`` (a Tokenizer) supplies the special-token ids."""
+    """The Hub config.json mapping; ``tokenizer`` (a Tokenizer) supplies the special-token ids.
+    A muP ``cfg`` is described as its standard equivalent (see the module docstring)."""
     lay = layer_layout(cfg)
     from elmjax.layout import layer_multipliers
 
@@ -155,7 +179,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str, tokenizer=None) -> dict:
         "bos_token_id": getattr(tokenizer, "bos_id", None),
         "eos_token_id": tokenizer.eos_id if tokenizer is not None else None,
         "torch_dtype": torch_dtype,
-        "elmjax": to_dict(cfg),
+        "elmjax": _elmjax_section(cfg),
         **({"elmjax_tokenizer": tokenizer.spec.partition(":")[0]} if tokenizer is not None else {}),
     }
 
@@ -222,9 +246,33 @@ def _layer_to_hf(layer: dict, cfg: ModelConfig, prefix: str) -> dict[str, np.nda
     return t
 
 
+def fold_mup(cfg: ModelConfig, params: dict) -> dict:
+    """Numpy ``params`` of a ``cfg`` model -> those of ``exported_config(cfg)``
+    computing the same logits (a copy; unchanged under standard)."""
+    if not mup.is_mup(cfg):
+        return params
+    std = exported_config(cfg)
+    q_ratio = mup.attention_scale(cfg) / mup.attention_scale(std)
+    out = {**params, "norm": {"weight": params["norm"]["weight"] * mup.logit_multiplier(cfg)}}
+    out["layers"] = {}
+    for i, layer in params["layers"].items():
+        attn = dict(layer["attn"])
+        if cfg.normalize_qk:
+            # RMSNorm(q) * gain: scaling the gain scales q exactly.
+            attn["q_norm"] = {"weight": attn["q_norm"]["weight"] * q_ratio}
+        else:
+            qkv = attn["qkv_DKCE"].copy()
+            groups = qkv.shape[2] - 2
+            qkv[:, :, :groups] *= q_ratio  # the query slots of each kv group
+            attn["qkv_DKCE"] = qkv
+        out["layers"][i] = {**layer, "attn": attn}
+    return out
+
+
 def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """Pure-dict NNX params -> Hub tensor names ([out, in] weights)."""
-    params = jax.tree.map(np.asarray, params)
+    """Pure-dict NNX params -> Hub tensor names ([out, in] weights); a muP
+    model's multipliers are folded in (``fold_mup``)."""
+    params = fold_mup(cfg, jax.tree.map(np.asarray, params))
     out = {
         "transformer.token_embeddings.weight": params["embed_VD"],
         "transformer.norm.weight": params["norm"]["weight"],

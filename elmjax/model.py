@@ -17,6 +17,10 @@ blocks, one fused QKV projection (stored group-major, see ``Attention``;
 head_dim on q and k (before RoPE), rotate-half RoPE, GQA where kv head j
 serves query heads j*G .. j*G+G-1, SwiGLU whose fused projection holds the
 gate first, final RMSNorm and an output head tied to the embedding.
+
+``cfg.parametrization`` picks the initialisation scales, the attention scale
+and the logit multiplier (``elmjax.mup`` holds the rules; 'standard' is
+OpenELM's own). Per-matrix learning rates are the optimizer's business.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from elmjax import mup
 from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
@@ -112,9 +117,11 @@ class Attention(nnx.Module):
         self.num_q, self.num_kv = layout.q_heads, layout.kv_heads
         self.groups = self.num_q // self.num_kv
         self.head_dim = E
+        self.scale = mup.attention_scale(cfg)
         K, G = self.num_kv, self.groups
-        self.qkv_DKCE = _param(rngs, (D, K, G + 2, E), D**-0.5, ("embed", "kv_heads", None, "head_dim"))
-        out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
+        qkv_std = mup.hidden_init_std(cfg, fan_in=D, residual_output=False)
+        self.qkv_DKCE = _param(rngs, (D, K, G + 2, E), qkv_std, ("embed", "kv_heads", None, "head_dim"))
+        out_std = mup.hidden_init_std(cfg, fan_in=K * G * E, residual_output=True)
         self.out_KGED = _param(rngs, (K, G, E, D), out_std, ("kv_heads", None, "head_dim", "embed"))
         if cfg.normalize_qk:
             self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim")
@@ -156,7 +163,7 @@ class Attention(nnx.Module):
         q, k, v = self.project(x_BLD, rot)
         # Every implementation groups query head h with kv head h // G,
         # which is OpenELM's repeat_interleave order.
-        attn_BLHE = attend(q, k, v, causal=True, mask=mask_B1LL, scale=self.head_dim**-0.5, impl=self.impl)
+        attn_BLHE = attend(q, k, v, causal=True, mask=mask_B1LL, scale=self.scale, impl=self.impl)
         return self.output(attn_BLHE)
 
     def attend_cached(self, x_BLD, rot: Rotary, positions_BL, cache: KVCache, mask_BLS):
@@ -167,7 +174,7 @@ class Attention(nnx.Module):
         k_cache = cache.k_BSKE.at[rows_B1, positions_BL].set(k.astype(cache.k_BSKE.dtype))
         v_cache = cache.v_BSKE.at[rows_B1, positions_BL].set(v.astype(cache.v_BSKE.dtype))
         attn_BLHE = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), causal=False, mask=mask_BLS[:, None],
-                           scale=self.head_dim**-0.5, impl=self.impl)
+                           scale=self.scale, impl=self.impl)
         return self.output(attn_BLHE), KVCache(k_cache, v_cache)
 
 
@@ -178,8 +185,9 @@ class FeedForward(nnx.Module):
         # Fused SwiGLU input projection: index 0 of the middle axis is the
         # SiLU gate, index 1 the linear branch (OpenELM's chunk(2) order).
         parts = 2 if self.glu else 1
-        self.in_DPF = _param(rngs, (D, parts, F), D**-0.5, ("embed", None, "mlp"))
-        out_std = D**-0.5 * (2 * cfg.num_layers) ** -0.5
+        self.in_DPF = _param(rngs, (D, parts, F), mup.hidden_init_std(cfg, fan_in=D, residual_output=False),
+                             ("embed", None, "mlp"))
+        out_std = mup.hidden_init_std(cfg, fan_in=F, residual_output=True)
         self.out_FD = _param(rngs, (F, D), out_std, ("mlp", "embed"))
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -235,12 +243,13 @@ class OpenELM(nnx.Module):
         self.remat = remat
         self.attention = attention
         D, V = cfg.model_dim, cfg.vocab_size
-        self.embed_VD = _param(rngs, (V, D), D**-0.5, ("vocab", "embed"))
+        self.embed_VD = _param(rngs, (V, D), mup.embed_init_std(cfg), ("vocab", "embed"))
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention: {attention!r} is not one of {list(ATTENTION_IMPLS)}")
         self.layers = nnx.List([DecoderLayer(cfg, lay, rngs, attention) for lay in layer_layout(cfg)])
         self.norm = RMSNorm(D, cfg.norm_eps, "embed")
-        self.head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), D**-0.5, ("embed", "vocab"))
+        self.head_DV = None if cfg.tie_embeddings else _param(rngs, (D, V), mup.head_init_std(cfg), ("embed", "vocab"))
+        self.logit_multiplier = mup.logit_multiplier(cfg)
 
     def embed(self, tokens_BL: jax.Array) -> jax.Array:
         return constrain(self.embed_VD[...].astype(self.dtype)[tokens_BL], HIDDEN)
@@ -252,6 +261,8 @@ class OpenELM(nnx.Module):
             out = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(self.dtype), preferred_element_type=jnp.float32)
         else:
             out = jnp.einsum("bld,dv->blv", x_BLD, self.head_DV[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.logit_multiplier != 1.0:  # muP's tied readout; standard skips it (same program as before)
+            out = out * self.logit_multiplier
         return constrain(out, LOGITS)
 
     def hidden(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,

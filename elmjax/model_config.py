@@ -19,6 +19,10 @@ from typing import ClassVar, Literal
 
 SCHEDULES = ("linear", "reverse", "middle", "ends", "constant")
 Schedule = Literal["linear", "reverse", "middle", "ends", "constant"]
+# How initialisation, attention scale, logit multiplier and per-matrix
+# learning rates depend on width: see ``elmjax.mup`` for the exact rules.
+PARAMETRIZATIONS = ("standard", "mup")
+Parametrization = Literal["standard", "mup"]
 Multipliers = float | tuple[float, ...]
 
 
@@ -45,13 +49,18 @@ class ModelConfig:
     # planning a sweep for TP, so every layer splits into whole kv groups;
     # 1 is OpenELM's own layout, exactly.
     head_multiple: int = 1
+    # 'standard' is OpenELM's own parametrization; 'mup' follows each matrix's
+    # fan-in (elmjax.mup), relative to a model of width ``mup_base_width``,
+    # which only muP reads. Neither is part of a run's identity at its default.
+    parametrization: Parametrization = "standard"
+    mup_base_width: int = 128
     # Compute dtype and rematerialisation are not here: they say how a run
     # executes, not what the model is (``elmjax.config.ExecutionConfig``).
     MOVED_KEYS: ClassVar[dict[str, str]] = {"dtype": "execution.dtype", "remat": "execution.remat"}
 
     def __post_init__(self):
         for name in ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size",
-                     "max_context_length", "head_multiple"):
+                     "max_context_length", "head_multiple", "mup_base_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim % 2:
@@ -64,6 +73,8 @@ class ModelConfig:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
             _check_multipliers(name, getattr(self, name), self.num_layers)
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization: {self.parametrization!r} is not one of {list(PARAMETRIZATIONS)}")
         for name in ("qkv_schedule", "ffn_schedule"):
             if getattr(self, name) not in SCHEDULES:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {list(SCHEDULES)}")

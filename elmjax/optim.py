@@ -1,4 +1,5 @@
-"""OpenELM's optimizer recipe in optax: AdamW, warmup + cosine, clipping."""
+"""OpenELM's optimizer recipe in optax: AdamW, warmup + cosine, clipping,
+and optional per-parameter learning-rate multipliers (muP, ``elmjax.mup``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,21 @@ def decay_mask(params) -> object:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
+    """Multiply each leaf's update by its constant in ``multipliers`` (a tree
+    of Python floats shaped like the parameters). Stateless."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, lr_multipliers=None) -> optax.GradientTransformation:
+    """Clipping then AdamW. ``lr_multipliers`` (``elmjax.mup.lr_multipliers``;
+    None under the standard parametrization) scales each parameter's final
+    update, so its learning rate and its decoupled weight decay alike."""
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -40,4 +55,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
             mask=decay_mask,
         )
     )
+    if lr_multipliers is not None:
+        parts.append(scale_by_multipliers(lr_multipliers))
     return optax.chain(*parts)

@@ -17,6 +17,7 @@ from flax import nnx
 from elmjax.config import Config
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
+from elmjax.mup import lr_multipliers
 from elmjax.optim import make_optimizer
 from elmjax.sharding import param_shardings, replicated
 
@@ -40,6 +41,11 @@ def init_params(cfg: ModelConfig, seed) -> dict:
     # nnx.Rngs turns an int into random.key(int) itself; a traced seed needs the key made here.
     key = seed if isinstance(seed, int) else jax.random.key(seed)
     return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(key)), nnx.Param))
+
+
+def model_optimizer(config: Config, abstract_params: dict) -> optax.GradientTransformation:
+    """The optimizer that trains ``config.model``: muP's per-matrix lr multipliers included."""
+    return make_optimizer(config.optimizer, config.total_steps, lr_multipliers(config.model, abstract_params))
 
 
 def state_shardings(optimizer, param_sh: dict, abstract_state: TrainState, mesh) -> TrainState:
@@ -69,7 +75,7 @@ class StateLayout:
 def state_layout(config: Config, mesh) -> StateLayout:
     _, abs_model_state = abstract_model(config.model)
     param_sh = param_shardings(abs_model_state, mesh)
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    optimizer = model_optimizer(config, nnx.to_pure_dict(abs_model_state))
     seed = config.train.seed
 
     def create(seed=seed) -> TrainState:

@@ -44,3 +44,23 @@ def test_global_norm_clipping():
     first = optax.clip_by_global_norm(1.0).update(g, clip_state[0])[0]
     assert float(optax.tree.norm(first)) == pytest.approx(1.0)
     assert len(clipped.init(params)) == 2 and len(unclipped.init(params)) == 1
+
+
+def test_lr_multipliers_scale_each_leafs_update_and_its_weight_decay():
+    params = {"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4))}
+    mult = {"w": 0.25, "v": 1.0}
+    cfg = OptimizerConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, min_lr_ratio=1.0, clip_norm=0.0)
+    opt = make_optimizer(cfg, 10, lr_multipliers=mult)
+    # Zero gradients: the update is the decoupled decay alone.
+    zero = jax.tree.map(jnp.zeros_like, params)
+    new = optax.apply_updates(params, opt.update(zero, opt.init(params), params)[0])
+    assert float(new["w"][0, 0]) == pytest.approx(1 - 0.25 * 0.1 * 0.5)
+    assert float(new["v"][0, 0]) == pytest.approx(1 - 0.1 * 0.5)
+    # A gradient: Adam's first step is lr * sign(g), times the multiplier.
+    no_decay = make_optimizer(cfg.__class__(**{**cfg.__dict__, "weight_decay": 0.0}), 10, lr_multipliers=mult)
+    g = jax.tree.map(jnp.ones_like, params)
+    updates = no_decay.update(g, no_decay.init(params), params)[0]
+    np.testing.assert_allclose(updates["w"], -0.025, rtol=1e-5)
+    np.testing.assert_allclose(updates["v"], -0.1, rtol=1e-5)
+    # Without multipliers the chain is the one before muP: clipping state and AdamW's.
+    assert len(make_optimizer(OptimizerConfig(), 10).init(params)) == 2
