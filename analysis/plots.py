@@ -266,8 +266,13 @@ def plot_tuning_curves(curves: pd.DataFrame, budget: float, axis: str = "optimiz
     return fig
 
 
-def plot_lr_transfer(curves: pd.DataFrame, metric: str = "val_loss") -> Figure:
-    """Loss against lr (log x), one line per width, one panel per parametrization; stars mark each width's best."""
+def plot_lr_transfer(curves: pd.DataFrame, metric: str = "val_loss", arm: str | None = None) -> Figure:
+    """Loss against lr (log x), one line per width, one panel per parametrization; stars mark each width's best.
+
+    ``arm`` picks one model family of :func:`analysis.lr_transfer.lr_curves` (default: the first)."""
+    if "arm" in curves and len(curves):
+        arm = sorted(curves["arm"].astype(str).unique())[0] if arm is None else arm
+        curves = curves[curves["arm"].astype(str) == arm]
     params = sorted(curves["parametrization"].astype(str).unique()) or ["standard"]
     fig, axes = _figure(ncols=len(params), sharey=True)
     colors = palette(curves["width"].astype(str))
@@ -283,7 +288,8 @@ def plot_lr_transfer(curves: pd.DataFrame, metric: str = "val_loss") -> Figure:
                 best = ok.loc[ok["mean"].idxmin()]
                 ax.plot([best["lr"]], [best["mean"]], marker="*", markersize=14, color=c, linestyle="")
         ax.set_xscale("log")
-        ax.set(xlabel="optimizer.lr", ylabel=f"{metric} (mean over seeds)", title=f"{param} (star: best per width)")
+        ax.set(xlabel="optimizer.lr", ylabel=f"{metric} (mean over seeds)",
+               title=f"{arm + ': ' if arm else ''}{param} (star: best per width)")
         if len(g):
             _clip_y(ax, g["mean"].to_numpy(float))
             ax.legend(fontsize=8)

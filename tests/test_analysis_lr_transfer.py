@@ -30,7 +30,15 @@ def test_a_width_dependent_optimum_does_not_transfer_and_a_fixed_one_does():
     t = transfer_table(best).set_index("parametrization")
     assert t.loc["standard", "shift_steps"] == -2 and not t.loc["standard", "transfers"]
     assert t.loc["mup", "shift_steps"] == 0 and t.loc["mup", "transfers"]
-    assert plots.plot_lr_transfer(lr_curves(df)).axes  # one panel per parametrization draws
+    assert len(plots.plot_lr_transfer(lr_curves(df)).axes) == 2  # one panel per parametrization
+
+
+def test_model_families_are_separate_questions():
+    """A layer-wise grid trains uniform twins too: each family gets its own optimum and shift."""
+    a = grid_frame({("standard", 64): 1.6e-2, ("standard", 256): 4e-3}).assign(arm="linear")
+    b = grid_frame({("standard", 64): 8e-3, ("standard", 256): 8e-3}, seed=1).assign(arm="uniform")
+    t = transfer_table(best_lr_table(lr_curves(pd.concat([a, b])))).set_index("arm")
+    assert t.loc["linear", "shift_steps"] == -2 and t.loc["uniform", "shift_steps"] == 0
 
 
 def test_unfinished_runs_and_edges_are_flagged_not_hidden():
