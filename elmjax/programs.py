@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 
 KEEP = 4  # programs of this many distinct shapes stay compiled (more while some are in flight or in use)
 
+# The init program is mostly threefry hashing, one unrolled hash per parameter:
+# on CPU, LLVM's full optimisation of it took longer than compiling the train
+# step (2.9 of about 5.5 s per tiny model) for a program that runs once per
+# run. LLVM's level 1 compiles it about 3x faster with the same bits: without
+# fast-math flags LLVM may not change float results at any level except by
+# contracting a*b+c into an FMA in instruction selection, which levels 1-3 do
+# alike (level 0 does not, and changes the bits). tests/test_programs.py
+# checks the bits against the default level.
+CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}
+
 
 @dataclass(frozen=True)
 class Programs:
@@ -170,14 +180,21 @@ def _evict() -> None:
 
 
 def _compile(config: Config, mesh, layout: StateLayout) -> Programs:
-    seed = jax.ShapeDtypeStruct((), jnp.int32)
     return Programs(
-        create=jax.jit(layout.create, out_shardings=layout.shardings).lower(seed).compile(),
+        create=_compile_create(mesh, layout),
         # The same program preflight compiles.
         train_step=jit_train_step(config, mesh, layout).lower(layout.target, abstract_batch(config, mesh)).compile(),
         eval_step=_compile_eval_step(config, mesh, layout),
         eval_chunk=eval_chunk(config, mesh),
     )
+
+
+def _compile_create(mesh, layout: StateLayout, options: dict | None = None):
+    """The init program: seed -> TrainState; on CPU with ``CPU_INIT_OPTIONS`` unless ``options`` are given."""
+    if options is None:
+        options = CPU_INIT_OPTIONS if mesh.devices.flat[0].platform == "cpu" else {}
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    return jax.jit(layout.create, out_shardings=layout.shardings).lower(seed).compile(compiler_options=options)
 
 
 def _compile_eval_step(config: Config, mesh, layout: StateLayout):

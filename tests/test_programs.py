@@ -4,6 +4,8 @@ import threading
 import time
 from collections import OrderedDict
 
+import jax
+import numpy as np
 import pytest
 
 from compile_log import backend_compiles
@@ -128,3 +130,20 @@ def test_eviction_spares_programs_in_use_in_flight_or_compiled_ahead_and_not_yet
     assert len(calls) == n  # taken, not recompiled
     programs.compiled_programs(cfgs[3], mesh, None)
     assert list(programs._compiled) == [key[3]]
+
+
+@pytest.mark.parametrize("arm", ["openelm", "uniform"])
+def test_the_cpu_init_program_gives_the_bits_of_the_default_compile(tmp_path, arm):
+    """CPU_INIT_OPTIONS compile the init program faster; the parameters (every bit, several seeds) must not change."""
+    overrides = ("model.ffn_multipliers=[0.5,4.0]", "model.qkv_multipliers=[0.5,1.0]") if arm == "openelm" else \
+        ("model.ffn_multipliers=[2.0,2.0]", "model.qkv_multipliers=[1.0,1.0]")
+    cfg = config(tmp_path, *overrides)
+    mesh = make_mesh(cfg.mesh)
+    layout = state_layout(cfg, mesh)
+    fast = programs._compile_create(mesh, layout)
+    default = programs._compile_create(mesh, layout, options={})
+    for seed in (0, 1, 2**31 - 1):
+        got, want = (jax.tree.leaves(jax.device_get(p(np.int32(seed)))) for p in (fast, default))
+        assert len(got) == len(want) > 10
+        for a, b in zip(got, want):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
