@@ -60,7 +60,7 @@ def test_the_next_run_with_other_programs_that_this_driver_will_train_is_compile
 
 def test_a_tiny_sweep_gives_identical_results_with_compile_ahead_on_and_off(tmp_path, monkeypatch, capsys):
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 8, "eval_every": 4},
-            "checkpoint": {"every": 4, "keep": 1}}
+            "checkpoint": {"every": 4, "keep": 1}, "compilation_cache": str(tmp_path / "xla")}
     axes = {"budget": {"kind": "params", "values": [4e4]}, "allocation": {"openelm": "openelm", "uniform": "uniform"},
             "seed": [0, 1]}
     grid = write_grid(tmp_path / "g.yaml", axes, base=base)
