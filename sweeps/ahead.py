@@ -20,12 +20,15 @@ compile ahead: each process would have to agree on the plan ahead.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from sweeps.locks import holder
 from sweeps.plan import PlannedRun
 from sweeps.results import read_run_status
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
 WINDOW = 64  # later runs looked at for the next program set (a ladder's seeds of one shape come in a block)
@@ -67,8 +70,12 @@ class Ahead:
             cfg = run.config
             if cfg.compilation_cache != current.compilation_cache:
                 continue  # compiled under another cache directory than the one set now
-            mesh = make_mesh(cfg.mesh)
-            if programs.is_kept(cfg, mesh) or not self._will_train(run):
+            try:
+                mesh = make_mesh(cfg.mesh)
+                if programs.is_kept(cfg, mesh) or not self._will_train(run):
+                    continue
+            except Exception as e:  # noqa: BLE001 - a bad mesh or status file is that run's error, reported when it runs
+                log.debug("not compiling ahead for %s: %s", run.name, e)
                 continue
             # Set now, in this thread: JAX decides once, at its first compile, whether a cache is used.
             setup_compilation_cache(cfg.compilation_cache)

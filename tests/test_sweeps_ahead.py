@@ -56,6 +56,10 @@ def test_the_next_run_with_other_programs_that_this_driver_will_train_is_compile
         lock.release()
     assert picker.before(2) is None and picker.before(5) is None  # run 6 not reached yet
     assert started == [runs[1].config.run_dir, runs[6].config.run_dir]
+    # A run whose status file is torn is skipped here (the driver reports it when it gets there), not raised.
+    (tmp_path / "sweep" / "runs" / runs[7].name / "status.json").write_text("{")
+    kept.add(key[6])
+    assert picker.before(6) is None
 
 
 def test_a_tiny_sweep_gives_identical_results_with_compile_ahead_on_and_off(tmp_path, monkeypatch, capsys):
