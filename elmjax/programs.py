@@ -8,12 +8,26 @@ everything the programs depend on, so the next run of the same shapes reuses
 them. The seed is an argument of the init program, not a constant in it, so
 one program serves every seed. Only the latest few are kept: an executable
 holds code, not buffers, but a ladder of large models should not pile them up.
+
+``compile_ahead`` compiles the programs of a later run on one background
+thread while the current run trains (``sweeps.ahead`` decides which), so
+that ``compiled_programs`` finds them ready, or waits for the compile in
+flight instead of starting the same one again. A failed ahead-of-time
+compile is forgotten: the run compiles its programs itself and reports the
+error as usual. The registry is shared by both threads, under one lock.
+The worker thread is not a daemon: a process that ends while it compiles
+waits for that compile (seconds to minutes) rather than tearing XLA down
+under it.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +35,23 @@ import numpy as np
 
 from elmjax.config import Config
 from elmjax.sharding import batch_divisor, batch_sharding, replicated
-from elmjax.state import StateLayout, abstract_model
+from elmjax.state import StateLayout, abstract_model, state_layout
 from elmjax.train_program import abstract_batch, jit_train_step
 from elmjax.train_step import make_eval_step
 
-KEEP = 4  # programs of this many distinct shapes stay compiled
+log = logging.getLogger(__name__)
+
+KEEP = 4  # programs of this many distinct shapes stay compiled (more while some are in flight or in use)
+
+# The init program is mostly threefry hashing, one unrolled hash per parameter:
+# on CPU, LLVM's full optimisation of it took longer than compiling the train
+# step (2.9 of about 5.5 s per tiny model) for a program that runs once per
+# run. LLVM's level 1 compiles it about 3x faster with the same bits: without
+# fast-math flags LLVM may not change float results at any level except by
+# contracting a*b+c into an FMA in instruction selection, which levels 1-3 do
+# alike (level 0 does not, and changes the bits). tests/test_programs.py
+# checks the bits against the default level.
+CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 @dataclass(frozen=True)
@@ -39,7 +65,26 @@ class Programs:
         return self.create(np.int32(seed))
 
 
-_compiled: OrderedDict = OrderedDict()
+@dataclass
+class _Entry:
+    future: Future = field(default_factory=Future)
+    ahead: bool = False  # compiled (or compiling) on the background thread
+    taken: bool = False  # handed to a run (or given up on by a stopping sweep)
+    job: Future | None = None  # the background task filling it, if compiled ahead
+
+
+@dataclass
+class AheadStats:
+    compiled: int = 0  # program sets compiled ahead of their run
+    seconds: float = 0.0  # time the background thread spent compiling them
+    failed: int = 0
+
+
+_lock = threading.Lock()
+_compiled: OrderedDict[tuple, _Entry] = OrderedDict()
+_in_use: tuple | None = None  # the key of the programs the current run took
+_worker: ThreadPoolExecutor | None = None
+stats = AheadStats()
 
 
 def eval_chunk(config: Config, mesh) -> int:
@@ -53,23 +98,103 @@ def program_key(config: Config, mesh) -> tuple:
 
 
 def compiled_programs(config: Config, mesh, layout: StateLayout) -> Programs:
-    """The programs of ``config`` on ``mesh``: from the last runs of this process if they match, else compiled now."""
+    """The programs of ``config`` on ``mesh``: kept from an earlier run or compiled ahead (waiting for that
+    compile if it is still running), else compiled now."""
+    global _in_use
     key = program_key(config, mesh)
-    if key in _compiled:
+    with _lock:
+        entry = _compiled.get(key)
+        mine = entry is None
+        if mine:
+            entry = _compiled[key] = _Entry()
         _compiled.move_to_end(key)
-        return _compiled[key]
-    seed = jax.ShapeDtypeStruct((), jnp.int32)
-    programs = Programs(
-        create=jax.jit(layout.create, out_shardings=layout.shardings).lower(seed).compile(),
+        entry.taken, _in_use = True, key
+    if mine:
+        return _fill(key, entry, lambda: _compile(config, mesh, layout))
+    try:
+        return entry.future.result()
+    except Exception as e:  # noqa: BLE001 - only an ahead compile's error lands here; compile it ourselves
+        if not entry.ahead:
+            raise
+        log.info("compiling ahead failed (%s: %s); compiling for the run itself", type(e).__name__, e)
+        return compiled_programs(config, mesh, layout)  # _fill dropped the failed entry
+
+
+def compile_ahead(config: Config, mesh) -> bool:
+    """Start compiling the programs of ``config`` on the background thread; False if they are kept or in flight."""
+    global _worker
+    key = program_key(config, mesh)
+    with _lock:
+        if key in _compiled:
+            return False
+        entry = _compiled[key] = _Entry(ahead=True)
+        # One thread: ahead-of-time compiles queue behind each other, not beside each other.
+        _worker = _worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="elmjax-compile-ahead")
+        entry.job = _worker.submit(_compile_in_background, key, entry, config, mesh)
+    return True
+
+
+def is_kept(config: Config, mesh) -> bool:
+    """Whether the programs of ``config`` are kept or in flight (so compiling them ahead would do nothing)."""
+    with _lock:
+        return program_key(config, mesh) in _compiled
+
+
+def _compile_in_background(key: tuple, entry: _Entry, config: Config, mesh) -> None:
+    start = time.perf_counter()
+    try:
+        _fill(key, entry, lambda: _compile(config, mesh, state_layout(config, mesh)))
+    except Exception as e:  # noqa: BLE001 - kept in the future; the run compiles itself and reports it
+        stats.failed += 1
+        log.info("compiling ahead for %s failed: %s: %s", config.run_dir, type(e).__name__, e)
+        return
+    stats.compiled += 1
+    stats.seconds += time.perf_counter() - start
+
+
+def _fill(key: tuple, entry: _Entry, compile_fn) -> Programs:
+    """Run ``compile_fn`` for ``entry``: its result for every waiter, or its error (and the entry forgotten)."""
+    try:
+        programs = compile_fn()
+    except BaseException as e:
+        with _lock:
+            if _compiled.get(key) is entry:
+                del _compiled[key]
+        entry.future.set_exception(e)
+        raise
+    entry.future.set_result(programs)
+    with _lock:
+        _evict()
+    return programs
+
+
+def _evict() -> None:
+    """Drop the least recently used finished entries beyond KEEP; never one in flight, in use or compiled
+    ahead and not yet taken (those may exceed KEEP for a while)."""
+    for key in list(_compiled):
+        if len(_compiled) <= KEEP:
+            return
+        entry = _compiled[key]
+        if entry.future.done() and key != _in_use and not (entry.ahead and not entry.taken):
+            del _compiled[key]
+
+
+def _compile(config: Config, mesh, layout: StateLayout) -> Programs:
+    return Programs(
+        create=_compile_create(mesh, layout),
         # The same program preflight compiles.
         train_step=jit_train_step(config, mesh, layout).lower(layout.target, abstract_batch(config, mesh)).compile(),
         eval_step=_compile_eval_step(config, mesh, layout),
         eval_chunk=eval_chunk(config, mesh),
     )
-    _compiled[key] = programs
-    while len(_compiled) > KEEP:
-        _compiled.popitem(last=False)
-    return programs
+
+
+def _compile_create(mesh, layout: StateLayout, options: dict | None = None):
+    """The init program: seed -> TrainState; on CPU with ``CPU_INIT_OPTIONS`` unless ``options`` are given."""
+    if options is None:
+        options = CPU_INIT_OPTIONS if mesh.devices.flat[0].platform == "cpu" else {}
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    return jax.jit(layout.create, out_shardings=layout.shardings).lower(seed).compile(compiler_options=options)
 
 
 def _compile_eval_step(config: Config, mesh, layout: StateLayout):
@@ -82,3 +207,15 @@ def _compile_eval_step(config: Config, mesh, layout: StateLayout):
     rows = jax.ShapeDtypeStruct((chunk, config.data.seq_len + 1), jnp.int32, sharding=bsh)
     weights = jax.ShapeDtypeStruct((chunk,), jnp.float32, sharding=wsh)
     return jitted.lower(layout.target.params, rows, weights).compile()
+
+
+
+def stop_ahead() -> None:
+    """Cancel the ahead-of-time compiles that have not started (a sweep stopping); one in flight finishes.
+
+    What was compiled ahead stays kept for a later sweep in this process, but may now be evicted."""
+    with _lock:
+        for key, entry in list(_compiled.items()):
+            if entry.job is not None and entry.job.cancel():
+                del _compiled[key]
+            entry.taken = True

@@ -10,7 +10,9 @@ For each run of this driver's share of the plan, in plan order:
   run's last checkpoint;
 * locked by a live driver elsewhere: skipped (that driver trains it);
 * otherwise the run's lock is taken and ``elmjax.train.run`` trains it,
-  resuming from the latest checkpoint if an earlier driver was killed.
+  resuming from the latest checkpoint if an earlier driver was killed;
+  meanwhile the programs of a later run may compile on a background thread
+  (``sweeps.ahead``, ``Options.compile_ahead``).
 
 A run that raises (including out-of-memory errors) is recorded as
 ``failed`` with its error, and the sweep goes on. SIGINT/SIGTERM stop the
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmjax import config_io, run_dir as rd
+from sweeps import ahead as compile_ahead
 from sweeps.evals import EvalSpec, evaluate_run, needs_eval
 from sweeps.grid import Grid
 from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, clear_stale, run_lock_path
@@ -58,6 +61,7 @@ class Options:
     heartbeat_s: float = HEARTBEAT_S
     shard_index: int = -1  # this driver's shard (-1: none); all processes of a multi-host run must agree
     eval: EvalSpec = EvalSpec()  # downstream tasks to score finished runs on
+    compile_ahead: str = "auto"  # compile the next run's programs while one trains (sweeps.ahead)
 
 
 @dataclass
@@ -194,8 +198,9 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
         write_results(sweep_dir)
     progress = SweepProgress(runs, enabled=opts.progress and lead)
     old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
+    ahead = _ahead(runs, opts) if lead and compile_ahead.enabled(opts.compile_ahead, count) else None
     try:
-        for run in runs:
+        for i, run in enumerate(runs):
             code, lock = _decide(run, opts) if lead else (_TRAIN, None)
             code = _agree(code, count)
             if code != _TRAIN:
@@ -205,6 +210,8 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
                     write_results(sweep_dir)
                 continue
             progress.start(run)
+            if ahead is not None:
+                ahead.before(i)
             try:
                 state, detail = _train(run, progress, lead)
             finally:
@@ -220,10 +227,16 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
             if state == "done" and lead and _evaluate(run, opts.eval, progress):
                 write_results(sweep_dir)
     finally:
+        compile_ahead.stop()
         progress.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     return summary
+
+
+def _ahead(runs: list[PlannedRun], opts: Options) -> compile_ahead.Ahead:
+    retry = {s for s, wanted in (("failed", opts.retry_failed), ("diverged", opts.retry_diverged)) if wanted}
+    return compile_ahead.Ahead(runs, retry, opts.stale_after_s)
 
 
 def _main_thread() -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 from elmjax import config_io, run_dir as rd
 from elmjax.config import Config
 from elmjax.config_io import ConfigError
+from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.errors import UserError, one_line
 from elmjax.finetune_config import FinetuneConfig
 
@@ -118,6 +119,7 @@ def run_grid(path: str | Path, out: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
+    keep_scratch_in_heap()  # it trains in this process: before JAX starts its CPU client; see elmjax.cpu_heap
     p = argparse.ArgumentParser(prog="python -m sweeps.finetune_grid", description=__doc__.splitlines()[0])
     p.add_argument("grid")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/<grid name>)")

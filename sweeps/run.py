@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 from elmjax.config_io import ConfigError
+from elmjax.cpu_heap import keep_scratch_in_heap
+from sweeps import ahead
 from sweeps.driver import GRID_COPY, Options, prepare, run_sweep, write_report
 from sweeps.grid import load_grid
 from sweeps.locks import HEARTBEAT_S, MIN_STALE_AFTER_S, STALE_AFTER_S
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"seconds without a heartbeat after which a lock held from another host is stale "
                    f"(default {STALE_AFTER_S:.0f}, at least {MIN_STALE_AFTER_S:.0f}; heartbeat every "
                    f"min({HEARTBEAT_S:.0f}, S/4) s)")
+    p.add_argument("--compile-ahead", choices=ahead.MODES, default="auto",
+                   help="compile the next run's programs on a background thread while a run trains: auto (default) "
+                   "= on with an accelerator, off on CPU, where the compile takes cores from training (README)")
     add_preflight_arguments(p)
     return p
 
@@ -97,6 +102,7 @@ def _dry_run_tuned(grid, runs, shard) -> int:
 
 
 def main(argv=None) -> int:
+    keep_scratch_in_heap()  # before JAX starts its CPU client; see elmjax.cpu_heap
     args = _parser().parse_args(argv)
     try:
         _check_flags(args)
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
     print(f"sweep '{grid.name}': {len(runs)} runs{tuned} in {sweep_dir}{where}")
     opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=not args.no_progress,
                    stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
-                   shard_index=shard.index if shard else -1, eval=grid.eval)
+                   shard_index=shard.index if shard else -1, eval=grid.eval, compile_ahead=args.compile_ahead)
     try:
         if grid.tune is not None:
             summary = run_tuned(grid, runs, sweep_dir, opts, shard.select if shard else (lambda r: r))
@@ -148,6 +154,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nthis driver: {summary}")
+    compiled_ahead = ahead.summary()
+    if compiled_ahead:
+        print(compiled_ahead)
     shares = format_time_shares(status_rows(sweep_dir))
     if shares:
         print(shares)

@@ -30,3 +30,22 @@ def compilations(name: str | None = None):
             yield handler.seen
     finally:
         logger.removeHandler(handler)
+
+
+@contextmanager
+def backend_compiles():
+    """Yields a list that collects the name of every program handed to XLA inside the block, from any thread
+    (JAX's backend-compile monitoring event; a persistent-cache hit counts, a reused executable does not)."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    seen: list[str] = []
+
+    def listen(event, duration_secs, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            seen.append(str(kwargs.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
