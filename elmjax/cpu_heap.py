@@ -25,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import pkgutil
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,10 @@ def _accelerator_installed() -> bool:
 
 
 def _backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-    except ImportError:
-        return False
-    return xla_bridge.backends_are_initialized()
+    # Look, don't import: a CLI that never needs JAX (sweeps.run --dry-run)
+    # calls this first thing, and a backend cannot exist before jax is imported.
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bridge is not None and bridge.backends_are_initialized()
 
 
 def keep_scratch_in_heap() -> bool:
