@@ -30,10 +30,9 @@ from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.hardware import mfu, peak_flops
 from elmjax.layout import layer_layout, layer_multipliers, param_counts, train_flops_per_token
 from elmjax.model_config import ModelConfig, preset
-from elmjax.mup import lr_multipliers
-from elmjax.optim import lr_schedule, make_optimizer
+from elmjax.optim import lr_schedule
 from elmjax.sharding import batch_sharding, make_mesh
-from elmjax.state import abstract_model, state_layout
+from elmjax.state import abstract_model, model_optimizer, state_layout
 from elmjax.train_step import make_train_step
 
 SMALL = ModelConfig(num_layers=8, model_dim=256, head_dim=32, num_gqa_groups=2, ffn_dim_divisor=64, vocab_size=4096)
@@ -176,8 +175,7 @@ def main(argv=None) -> int:
         print(f"MFU against a peak of {peak / 1e9:,.0f} GFLOP/s per device ({source})")
     if not args.no_breakdown:
         # The optimizer training would use: muP's per-matrix multipliers included.
-        abstract_params = nnx.to_pure_dict(abstract_model(cfg)[1])
-        optimizer = make_optimizer(OptimizerConfig(warmup_steps=2), 1000, lr_multipliers(cfg, abstract_params))
+        optimizer = model_optimizer(cfg, OptimizerConfig(warmup_steps=2), 1000, nnx.to_pure_dict(abstract_model(cfg)[1]))
         times = component_times(cfg, optimizer, args.batch, args.seq_len, dtype=execution.dtype)
         print("layer-wise step by component:")
         print(format_breakdown(times, res["layer-wise"]["step_s"]))

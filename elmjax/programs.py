@@ -209,7 +209,6 @@ def _compile_eval_step(config: Config, mesh, layout: StateLayout):
     return jitted.lower(layout.target.params, rows, weights).compile()
 
 
-
 def stop_ahead() -> None:
     """Cancel the ahead-of-time compiles that have not started (a sweep stopping); one in flight finishes.
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from elmjax.config import Config
+from elmjax.config import Config, OptimizerConfig
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
 from elmjax.mup import lr_multipliers
@@ -43,9 +43,11 @@ def init_params(cfg: ModelConfig, seed) -> dict:
     return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(key)), nnx.Param))
 
 
-def model_optimizer(config: Config, abstract_params: dict) -> optax.GradientTransformation:
-    """The optimizer that trains ``config.model``: muP's per-matrix lr multipliers included."""
-    return make_optimizer(config.optimizer, config.total_steps, lr_multipliers(config.model, abstract_params))
+def model_optimizer(model: ModelConfig, optimizer: OptimizerConfig, total_steps: int,
+                    abstract_params: dict) -> optax.GradientTransformation:
+    """The optimizer that trains ``model`` (abstract params from ``abstract_model``): muP's per-matrix lr
+    multipliers included. Training and the benchmark both build theirs here."""
+    return make_optimizer(optimizer, total_steps, lr_multipliers(model, abstract_params))
 
 
 def state_shardings(optimizer, param_sh: dict, abstract_state: TrainState, mesh) -> TrainState:
@@ -75,7 +77,7 @@ class StateLayout:
 def state_layout(config: Config, mesh) -> StateLayout:
     _, abs_model_state = abstract_model(config.model)
     param_sh = param_shardings(abs_model_state, mesh)
-    optimizer = model_optimizer(config, nnx.to_pure_dict(abs_model_state))
+    optimizer = model_optimizer(config.model, config.optimizer, config.total_steps, nnx.to_pure_dict(abs_model_state))
     seed = config.train.seed
 
     def create(seed=seed) -> TrainState:
