@@ -241,6 +241,17 @@ def plot_isoflop(df: pd.DataFrame, fit, size: str = "params", metric: str = "val
     return fig
 
 
+def _loss_vs_value(ax, curve: pd.DataFrame, x: str, color, label: str) -> None:
+    """One curve of mean loss (sd error bars) against column ``x``, its lowest finite point starred."""
+    curve = curve.sort_values(x)
+    ax.errorbar(curve[x], curve["mean"], yerr=curve["sd"].fillna(0.0), marker="o", capsize=3, color=color,
+                label=label)
+    ok = curve[np.isfinite(curve["mean"])]
+    if len(ok):
+        best = ok.loc[ok["mean"].idxmin()]
+        ax.plot([best[x]], [best["mean"]], marker="*", markersize=14, color=color, linestyle="")
+
+
 def plot_tuning_curves(curves: pd.DataFrame, budget: float, axis: str = "optimizer.lr",
                        metric: str = "val_loss") -> Figure:
     """Loss against the tuned value (log x) per arm at one budget; the best value of each arm is marked."""
@@ -249,13 +260,7 @@ def plot_tuning_curves(curves: pd.DataFrame, budget: float, axis: str = "optimiz
     ax = axes[0, 0]
     colors = palette(g["arm"])
     for arm, a in g.groupby("arm", sort=True):
-        a = a.sort_values("value")
-        ax.errorbar(a["value"], a["mean"], yerr=a["sd"].fillna(0.0), marker="o", capsize=3, color=colors[str(arm)],
-                    label=str(arm))
-        ok = a[np.isfinite(a["mean"])]
-        if len(ok):
-            best = ok.loc[ok["mean"].idxmin()]
-            ax.plot([best["value"]], [best["mean"]], marker="*", markersize=14, color=colors[str(arm)], linestyle="")
+        _loss_vs_value(ax, a, "value", colors[str(arm)], str(arm))
     ax.set_xscale("log")
     ax.set_xlabel(axis)
     ax.set_ylabel(f"{metric} (mean over tuning seeds)")
@@ -279,14 +284,7 @@ def plot_lr_transfer(curves: pd.DataFrame, metric: str = "val_loss", arm: str | 
     for ax, param in zip(axes[0], params):
         g = curves[curves["parametrization"].astype(str) == param]
         for width, w in g.groupby("width", sort=True):
-            w = w.sort_values("lr")
-            c = colors[str(width)]
-            ax.errorbar(w["lr"], w["mean"], yerr=w["sd"].fillna(0.0), marker="o", capsize=3, color=c,
-                        label=f"width {width}")
-            ok = w[np.isfinite(w["mean"])]
-            if len(ok):
-                best = ok.loc[ok["mean"].idxmin()]
-                ax.plot([best["lr"]], [best["mean"]], marker="*", markersize=14, color=c, linestyle="")
+            _loss_vs_value(ax, w, "lr", colors[str(width)], f"width {width}")
         ax.set_xscale("log")
         ax.set(xlabel="optimizer.lr", ylabel=f"{metric} (mean over seeds)",
                title=f"{arm + ': ' if arm else ''}{param} (star: best per width)")
