@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +42,17 @@ from elmjax import config_io, run_dir as rd
 from sweeps import ahead as compile_ahead
 from sweeps.evals import EvalSpec, evaluate_run, needs_eval
 from sweeps.grid import Grid
-from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, clear_stale, run_lock_path
+from sweeps.locks import HEARTBEAT_S, STALE_AFTER_S, FileLock, clear_stale, holder, run_lock_path
 from sweeps.plan import PlannedRun, write_plan
 from sweeps.progress import SweepProgress
 from sweeps.results import read_run_status, write_results
 
 GRID_COPY = "grid.yaml"
 _TRAIN, _DONE, _DIVERGED, _FAILED, _LOCKED = range(5)
+POLL_S = 1.0  # how often a waiting worker looks at the locks of runs another driver holds
 _SKIP_REASON = {_DONE: "already done", _DIVERGED: "diverged earlier (a result; rerun with --retry-diverged to retry it)",
                 _FAILED: "failed earlier (rerun with --retry-failed to retry)", _LOCKED: "held by another driver"}
+HELD = "skipped (held by another driver)"
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,15 @@ class Options:
     shard_index: int = -1  # this driver's shard (-1: none); all processes of a multi-host run must agree
     eval: EvalSpec = EvalSpec()  # downstream tasks to score finished runs on
     compile_ahead: str = "auto"  # compile the next run's programs while one trains (sweeps.ahead)
+    # A local worker (sweeps.workers): wait for the runs other drivers hold instead of leaving them,
+    # and train any whose holder dies; every worker ends only when its whole share is settled.
+    wait_for_held: bool = False
 
 
 @dataclass
 class Summary:
     counts: dict = field(default_factory=dict)  # outcome -> number of runs this driver handled
+    held: list = field(default_factory=list)  # runs skipped because another live driver held them
 
     def add(self, outcome: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -189,7 +196,32 @@ def _raise_on_sigterm(signum, frame):
 
 
 def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()) -> Summary:
-    """Train this driver's runs (already located by ``prepare``); see the module docstring."""
+    """Train this driver's runs (already located by ``prepare``); see the module docstring.
+
+    With ``opts.wait_for_held`` the runs another driver holds are waited for
+    and looked at again once released: done by then, or trained here if
+    their holder died. A second look never retries a failed run (its holder
+    just did)."""
+    summary = _pass(runs, sweep_dir, opts)
+    while opts.wait_for_held and summary.held:
+        held = summary.held
+        wait_for_release(held, opts.stale_after_s)
+        again = _pass(held, sweep_dir, dataclasses.replace(opts, retry_failed=False, retry_diverged=False))
+        for outcome, n in again.counts.items():
+            if not outcome.startswith("skipped (held"):
+                summary.counts[outcome] = summary.counts.get(outcome, 0) + n
+        summary.held = again.held
+        summary.counts.pop(HELD, None)  # every held run has been looked at again and counted there
+    return summary
+
+
+def wait_for_release(runs: list[PlannedRun], stale_after_s: float, poll_s: float = POLL_S) -> None:
+    """Block until no live driver holds any of ``runs`` (a dead holder's lock counts as released)."""
+    while any(holder(r.config.run_dir, stale_after_s) is not None for r in runs):
+        time.sleep(poll_s)
+
+
+def _pass(runs: list[PlannedRun], sweep_dir: Path, opts: Options) -> Summary:
     index, count = _process()
     lead = index == 0
     _check_same_shard(opts.shard_index, count)
@@ -205,6 +237,10 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
             code = _agree(code, count)
             if code != _TRAIN:
                 summary.add(f"skipped ({_SKIP_REASON[code].split(' (')[0]})")
+                if code == _LOCKED:
+                    summary.held.append(run)
+                    if opts.wait_for_held:
+                        continue  # looked at again once released; a worker need not say so
                 progress.skip(run, _SKIP_REASON[code])
                 if code == _DONE and lead and _evaluate(run, opts.eval, progress):
                     write_results(sweep_dir)

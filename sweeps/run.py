@@ -29,10 +29,11 @@ from sweeps.grid import load_grid
 from sweeps.locks import HEARTBEAT_S, MIN_STALE_AFTER_S, STALE_AFTER_S
 from sweeps.plan import PLAN_FILE, build_plan, format_table
 from sweeps.preflight import add_arguments as add_preflight_arguments, run_preflight
-from sweeps.results import CSV, PARQUET, read_run_status
+from sweeps.results import CSV, PARQUET, read_run_status, write_results
 from sweeps.shard import COUNT_ENV, ShardError, detect_shard
 from sweeps.status import format_time_shares, status_rows
 from sweeps.tune import describe, plan_stage, run_tuned
+from sweeps.workers import EXIT_INTERRUPTED, run_workers
 
 SWEEP_MARKERS = (PLAN_FILE, GRID_COPY)  # a directory holding either is a sweep (a killed first start leaves only grid.yaml)
 
@@ -59,11 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-ahead", choices=ahead.MODES, default="auto",
                    help="compile the next run's programs on a background thread while a run trains: auto (default) "
                    "= on with an accelerator, off on CPU, where the compile takes cores from training (README)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once in N worker processes on this machine's CPU, one core each "
+                   "(small models on a multi-core CPU; same numbers; README, 'Sweeps')")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --jobs N's processes
     add_preflight_arguments(p)
     return p
 
 
 def _check_flags(args) -> None:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: need at least 1 worker, got {args.jobs}")
+    if args.jobs > 1 and (args.preflight or args.worker):
+        raise ConfigError("--jobs: not with --preflight (it trains nothing)" if args.preflight else
+                          "--jobs: a worker does not start workers")
     # A lock timeout that expires between heartbeats would let two drivers train one run at once.
     if not args.lock_timeout >= MIN_STALE_AFTER_S:  # also catches nan
         raise ConfigError(f"--lock-timeout: must be at least {MIN_STALE_AFTER_S:.0f} seconds, got {args.lock_timeout:g} "
@@ -137,9 +147,13 @@ def main(argv=None) -> int:
     where = f", {shard}: {len(todo)} of them" if shard else ""
     tuned = f" (+ tuning runs of {grid.tune.axis} first; see tune.json)" if grid.tune is not None else ""
     print(f"sweep '{grid.name}': {len(runs)} runs{tuned} in {sweep_dir}{where}")
-    opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=not args.no_progress,
-                   stale_after_s=args.lock_timeout, heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4),
-                   shard_index=shard.index if shard else -1, eval=grid.eval, compile_ahead=args.compile_ahead)
+    if args.jobs > 1:
+        return _run_jobs(args, grid, shard, sweep_dir, todo)
+    opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged,
+                   progress=not (args.no_progress or args.worker), stale_after_s=args.lock_timeout,
+                   heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4), shard_index=shard.index if shard else -1,
+                   eval=grid.eval, compile_ahead="off" if args.worker else args.compile_ahead,
+                   wait_for_held=args.worker)
     try:
         if grid.tune is not None:
             summary = run_tuned(grid, runs, sweep_dir, opts, shard.select if shard else (lambda r: r))
@@ -154,9 +168,42 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nthis driver: {summary}")
+    if args.worker:
+        return 0  # failed runs are the parent's to report, once
     compiled_ahead = ahead.summary()
     if compiled_ahead:
         print(compiled_ahead)
+    return _finish(args, sweep_dir, todo)
+
+
+def _run_jobs(args, grid, shard, sweep_dir: Path, todo) -> int:
+    """``--jobs N``: N workers train the plan (sweeps.workers); then the results and the report, once."""
+    print(f"{args.jobs} worker processes, one CPU core each (their output is prefixed wK|)")
+    code = run_workers(_worker_argv(args, shard, sweep_dir), args.jobs)
+    if code == EXIT_INTERRUPTED:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return code
+    if code not in (0, 1):
+        print(f"error: a worker exited with status {code} (its output is above); "
+              "rerun the same command to resume", file=sys.stderr)
+    write_results(sweep_dir)
+    if grid.tune is not None:
+        final = prepare(grid, plan_stage(grid, build_plan(grid), sweep_dir).runs, sweep_dir)
+        todo = shard.select(final) if shard else final
+    finished = _finish(args, sweep_dir, todo)
+    return finished if code in (0, 1) else 1
+
+
+def _worker_argv(args, shard, sweep_dir: Path) -> list[str]:
+    """A worker's command line: this sweep's settings, spelled out (the report is the parent's)."""
+    argv = [args.grid, "--out", str(sweep_dir), "--no-report", "--lock-timeout", repr(args.lock_timeout)]
+    argv += ["--retry-failed"] * args.retry_failed + ["--retry-diverged"] * args.retry_diverged
+    argv += ["--force"] * args.force
+    return argv + (["--shard", f"{shard.index}/{shard.count}"] if shard else [])
+
+
+def _finish(args, sweep_dir: Path, todo) -> int:
+    """The end of a sweep: the time shares, where the results are, the report; exit 1 if runs failed."""
     shares = format_time_shares(status_rows(sweep_dir))
     if shares:
         print(shares)

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,7 +269,7 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
     the plan as it was. Runs another driver holds are skipped (it trains
     them, and plans the main runs they unlock). Returns the merged Summary.
     """
-    from sweeps.driver import Summary, prepare, run_sweep
+    from sweeps.driver import POLL_S, Summary, prepare, run_sweep
 
     total = Summary()
     stage = plan_stage(grid, base_runs, sweep_dir)
@@ -282,6 +283,12 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
                 total.counts[outcome] = total.counts.get(outcome, 0) + n
         new = plan_stage(grid, base_runs, sweep_dir)
         _say_extensions(grid.tune, stage.cells, new)
+        if [r.name for r in new.runs] == [r.name for r in stage.runs] and new.waiting and opts.wait_for_held:
+            # A local worker: the cells still waiting wait on tuning runs another worker trains.
+            # run_sweep returned once they were released, so plan again (after a pause, not a spin).
+            time.sleep(POLL_S)
+            stage = new
+            continue
         if [r.name for r in new.runs] == [r.name for r in stage.runs]:
             for outcome, n in summary.counts.items():
                 if outcome.startswith("skipped"):

@@ -1,0 +1,87 @@
+"""``sweeps.run GRID --jobs N``: N worker processes on this machine's CPU, one core each.
+
+A tiny model's train step does not get faster with a second core (XLA:CPU
+splits its small matmuls badly), so on a laptop the cores are better spent
+on different runs: N single-threaded processes train N runs at once, and one
+worker's compile overlaps another's training. The numbers do not change: a
+run trains to the same bits in any worker (checked on every quickstart run).
+
+Each worker is an ordinary driver over the whole plan (``sweeps.run ...
+--worker``): it takes the next run nobody holds (the per-run locks of
+``sweeps.locks`` hand out the work), waits for the runs another worker holds
+instead of leaving them, and trains them itself if that worker dies. The
+workers are forced onto the CPU (``JAX_PLATFORMS=cpu``) with one XLA thread
+each. This parent starts them, prefixes their output with ``wK|``, forwards
+SIGINT/SIGTERM (each worker checkpoints and stops), and returns the worst
+exit status; ``sweeps.run`` then rebuilds the results and writes the report.
+Pure Python: the parent never starts JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+# One XLA:CPU thread per worker; a tiny model's step is as fast on one core (README, "Sweeps").
+ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+EXIT_INTERRUPTED = 130
+
+
+def worker_env(env: dict | None = None) -> dict:
+    """The environment of a worker: CPU only, one XLA thread, the caller's other XLA flags kept."""
+    env = dict(os.environ if env is None else env)
+    flags = env.get("XLA_FLAGS", "").strip()
+    env["XLA_FLAGS"] = f"{flags} {ONE_THREAD_FLAGS}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"  # lines reach the parent as they are printed
+    return env
+
+
+def _relay(index: int, stream, out) -> None:
+    for line in iter(stream.readline, ""):
+        out.write(f"w{index}| {line}")
+        out.flush()
+    stream.close()
+
+
+def run_workers(argv: list[str], jobs: int, out=None) -> int:
+    """Run ``python -m sweeps.run *argv --worker`` ``jobs`` times at once; the worst exit status.
+
+    Interrupted (SIGINT/SIGTERM to this process): every worker gets SIGTERM,
+    saves a checkpoint and exits; returns 130."""
+    out = sys.stdout if out is None else out
+    cmd = [sys.executable, "-m", "sweeps.run", *argv, "--worker"]
+    procs = [subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, bufsize=1) for _ in range(jobs)]
+    relays = [threading.Thread(target=_relay, args=(i, p.stdout, out), daemon=True) for i, p in enumerate(procs)]
+    for t in relays:
+        t.start()
+    interrupted = False
+
+    def _stop(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    on_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    for t in relays:
+        t.join(timeout=5)
+    if interrupted or EXIT_INTERRUPTED in codes:
+        return EXIT_INTERRUPTED
+    return max(codes, key=_severity)
+
+
+def _severity(code: int) -> int:
+    """0 (all done) < 1 (some runs failed) < anything else (a worker crashed or was refused)."""
+    return {0: 0, 1: 1}.get(code, 2 + abs(code))

@@ -1,0 +1,143 @@
+"""``sweeps.run --jobs N``: local workers share a plan through the run locks, wait for each other, and
+train every run once, to the same numbers as one driver."""
+
+import math
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from elmjax import run_dir as rd
+from sweeps import driver, run, workers
+from sweeps.grid import load_grid
+from sweeps.locks import FileLock, run_lock_path
+from sweeps.plan import build_plan
+from sweeps.results import read_results
+from sweep_helpers import TINY_BASE, write_grid
+
+AXES = {"budget": {"kind": "params", "values": [4e4]}, "allocation": {"openelm": "openelm", "uniform": "uniform"},
+        "seed": [0, 1]}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_worker_runs_on_one_cpu_thread_and_keeps_the_callers_xla_flags():
+    env = workers.worker_env({"XLA_FLAGS": "--xla_dump_to=/tmp/x", "PATH": "/bin"})
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + workers.ONE_THREAD_FLAGS
+    assert env["JAX_PLATFORMS"] == "cpu" and env["PATH"] == "/bin"
+    assert workers.worker_env({})["XLA_FLAGS"] == workers.ONE_THREAD_FLAGS
+
+
+def _fake_trainer(monkeypatch, trained, loss=lambda r: 3.0, pause=0.0):
+    def fake_train(planned, progress, lead):
+        trained.append(planned.name)
+        time.sleep(pause)
+        rd.write_status(planned.config.run_dir, "done", step=1, total_steps=1)
+        rd.write_final(planned.config.run_dir, {"val_loss": loss(planned), "params": planned.row["params"]})
+        return "done", ""
+
+    monkeypatch.setattr(driver, "_train", fake_train)
+
+
+def _located(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.yaml", AXES))
+    return driver.prepare(grid, build_plan(grid), tmp_path / "sweep")
+
+
+@pytest.mark.parametrize("holder_finishes", [True, False])
+def test_a_waiting_worker_waits_for_a_held_run_and_trains_it_only_if_its_holder_left_it_unfinished(
+        tmp_path, monkeypatch, holder_finishes):
+    runs = _located(tmp_path)
+    trained = []
+    _fake_trainer(monkeypatch, trained)
+    held = runs[1]
+    lock = FileLock.acquire(run_lock_path(held.config.run_dir), heartbeat_s=0.05)  # another live driver (this pid)
+    result = {}
+    opts = driver.Options(progress=False, wait_for_held=True, heartbeat_s=0.05)
+    t = threading.Thread(target=lambda: result.update(summary=driver.run_sweep(runs, tmp_path / "sweep", opts)))
+    t.start()
+    deadline = time.time() + 30
+    while len(trained) < len(runs) - 1 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert t.is_alive(), "a worker must wait for the run another driver holds, not leave it"
+    assert held.name not in trained and len(trained) == len(runs) - 1
+    if holder_finishes:
+        rd.write_status(held.config.run_dir, "done", step=1, total_steps=1)
+        rd.write_final(held.config.run_dir, {"val_loss": 3.0, "params": held.row["params"]})
+    lock.release()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert (held.name in trained) is not holder_finishes
+    counts = result["summary"].counts
+    assert driver.HELD not in counts and result["summary"].held == []
+    assert counts.get("done") == len(runs) - holder_finishes
+    assert counts.get("skipped (already done)", 0) == holder_finishes
+
+
+def test_without_waiting_a_driver_leaves_a_held_run_to_its_holder(tmp_path, monkeypatch):
+    runs = _located(tmp_path)
+    trained = []
+    _fake_trainer(monkeypatch, trained)
+    lock = FileLock.acquire(run_lock_path(runs[0].config.run_dir), heartbeat_s=0.05)
+    try:
+        summary = driver.run_sweep(runs, tmp_path / "sweep", driver.Options(progress=False, heartbeat_s=0.05))
+    finally:
+        lock.release()
+    assert summary.counts == {"skipped (held by another driver)": 1, "done": len(runs) - 1}
+    assert runs[0].name not in trained
+
+
+def test_two_workers_share_a_tuned_sweep_each_run_trained_once(tmp_path, monkeypatch):
+    """Two waiting drivers over one tuned plan (threads of this process: the locks see two live holders)."""
+    trained = []
+
+    def bowl(r):
+        best = 2e-3 if r.row["is_uniform"] else 8e-3
+        return 3.0 + 0.1 * math.log(r.row["tune_value"] / best) ** 2 + 0.001 * r.row["seed"]
+
+    _fake_trainer(monkeypatch, trained, loss=bowl, pause=0.02)
+    path = write_grid(tmp_path / "g.yaml", AXES, tune={"axis": "optimizer.lr", "values": [1e-3, 2e-3, 4e-3],
+                                                        "seeds": [100]})
+    out = tmp_path / "sweep"
+    argv = [str(path), "--out", str(out), "--worker", "--no-report"]
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(run.main(argv))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert codes == [0, 0]
+    df = read_results(out)
+    # the arm's optimum (8e-3) is past the range: two extensions up (8e-3, then 1.6e-2 to see it is a minimum),
+    # each planned by whichever worker saw the edge first and trained by one of them
+    assert len(df) == 3 + 2 + 3 + 4 and (df["status"] == "done").all()
+    assert sorted(trained) == sorted(df["run"]) and len(set(trained)) == len(trained)
+    main = df[df["role"] == "main"]
+    assert sorted(main["tune_value"].unique()) == [2e-3, 8e-3]
+
+
+def test_jobs_refuses_nonsense():
+    assert run.main(["sweeps/grids/quickstart.yaml", "--jobs", "0"]) == 2
+    assert run.main(["sweeps/grids/quickstart.yaml", "--jobs", "2", "--preflight"]) == 2
+
+
+def test_jobs_2_trains_every_run_once_to_the_bits_of_one_driver(tmp_path):
+    """Real training in two worker processes (one XLA thread each) against one ordinary driver (two threads)."""
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 12}}
+    path = write_grid(tmp_path / "g.yaml", AXES, base=base)
+    one, two = tmp_path / "one", tmp_path / "two"
+    cmd = [sys.executable, "-m", "sweeps.run", str(path), "--no-progress", "--no-report", "--out"]
+    for out, extra in ((one, []), (two, ["--jobs", "2"])):
+        proc = subprocess.run(cmd + [str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed = proc.stdout
+    a, b = read_results(one).set_index("run"), read_results(two).set_index("run")
+    assert len(a) == len(b) == 4 and (b["status"] == "done").all()
+    assert (a["val_loss"] == b["val_loss"]).all(), "a worker must train to the same bits as the driver"
+    starts = [line for line in printed.splitlines() if ": training (" in line]
+    assert sorted(line.split("] ")[1].split(":")[0] for line in starts) == sorted(b.index)  # each run once
+    assert {line[:3] for line in starts} == {"w0|", "w1|"}  # and both workers trained
+    assert "training steps" in printed  # the parent's end-of-sweep summary
