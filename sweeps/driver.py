@@ -65,9 +65,13 @@ class Options:
     shard_index: int = -1  # this driver's shard (-1: none); all processes of a multi-host run must agree
     eval: EvalSpec = EvalSpec()  # downstream tasks to score finished runs on
     compile_ahead: str = "auto"  # compile the next run's programs while one trains (sweeps.ahead)
-    # A local worker (sweeps.workers): wait for the runs other drivers hold instead of leaving them,
-    # and train any whose holder dies; every worker ends only when its whole share is settled.
-    wait_for_held: bool = False
+    # Local worker (index, count) of sweeps.run --jobs (sweeps.workers): it takes its own models' runs first,
+    # waits for the runs other drivers hold instead of leaving them, and trains any whose holder dies.
+    worker: tuple[int, int] | None = None
+
+    @property
+    def wait_for_held(self) -> bool:
+        return self.worker is not None
 
 
 @dataclass
@@ -202,6 +206,10 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
     and looked at again once released: done by then, or trained here if
     their holder died. A second look never retries a failed run (its holder
     just did)."""
+    if opts.worker is not None:
+        from sweeps.workers import worker_order
+
+        runs = worker_order(runs, *opts.worker)
     summary = _pass(runs, sweep_dir, opts)
     while opts.wait_for_held and summary.held:
         held = summary.held

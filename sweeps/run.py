@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at once in N worker processes on this machine's CPU, one core each "
                    "(small models on a multi-core CPU; same numbers; README, 'Sweeps')")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --jobs N's processes
+    p.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)  # worker I of --jobs N's processes
     add_preflight_arguments(p)
     return p
 
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                    progress=not (args.no_progress or args.worker), stale_after_s=args.lock_timeout,
                    heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4), shard_index=shard.index if shard else -1,
                    eval=grid.eval, compile_ahead="off" if args.worker else args.compile_ahead,
-                   wait_for_held=args.worker)
+                   worker=_worker(args.worker))
     try:
         if grid.tune is not None:
             summary = run_tuned(grid, runs, sweep_dir, opts, shard.select if shard else (lambda r: r))
@@ -174,6 +174,13 @@ def main(argv=None) -> int:
     if compiled_ahead:
         print(compiled_ahead)
     return _finish(args, sweep_dir, todo)
+
+
+def _worker(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    return int(index), int(count)
 
 
 def _run_jobs(args, grid, shard, sweep_dir: Path, todo) -> int:

@@ -19,6 +19,7 @@ Pure Python: the parent never starts JAX.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,36 @@ def worker_env(env: dict | None = None) -> dict:
     return env
 
 
+def program_group(run) -> str:
+    """Runs that compile the same programs: the config without its seeds (and where it is written)."""
+    from elmjax.config import identity
+    from sweeps.tune import SEED_PATHS
+
+    d = identity(run.config)
+    for path in SEED_PATHS:
+        section, _, name = path.partition(".")
+        d.get(section, {}).pop(name, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def worker_order(runs: list, index: int, count: int) -> list:
+    """Worker ``index`` of ``count``: its own groups of same-program runs first, then everyone else's.
+
+    Groups (:func:`program_group`) in plan order are dealt out round robin,
+    so each worker compiles its models once and trains all their seeds with
+    the programs in memory, while the workers start on different models.
+    The other groups follow, so a worker that runs out of its own work
+    takes over what nobody holds yet (the locks decide who trains what).
+    """
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(program_group(run), []).append(run)
+    ordered = list(groups.values())
+    mine = ordered[index::count]
+    rest = [g for i, g in enumerate(ordered) if i % count != index]
+    return [run for g in mine + rest for run in g]
+
+
 def _relay(index: int, stream, out) -> None:
     for line in iter(stream.readline, ""):
         out.write(f"w{index}| {line}")
@@ -48,14 +79,14 @@ def _relay(index: int, stream, out) -> None:
 
 
 def run_workers(argv: list[str], jobs: int, out=None) -> int:
-    """Run ``python -m sweeps.run *argv --worker`` ``jobs`` times at once; the worst exit status.
+    """Run ``python -m sweeps.run *argv --worker I/jobs`` for I < ``jobs`` at once; the worst exit status.
 
     Interrupted (SIGINT/SIGTERM to this process): every worker gets SIGTERM,
     saves a checkpoint and exits; returns 130."""
     out = sys.stdout if out is None else out
-    cmd = [sys.executable, "-m", "sweeps.run", *argv, "--worker"]
-    procs = [subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, bufsize=1) for _ in range(jobs)]
+    cmd = [sys.executable, "-m", "sweeps.run", *argv]
+    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, bufsize=1) for i in range(jobs)]
     relays = [threading.Thread(target=_relay, args=(i, p.stdout, out), daemon=True) for i, p in enumerate(procs)]
     for t in relays:
         t.start()

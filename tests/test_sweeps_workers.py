@@ -30,6 +30,18 @@ def test_a_worker_runs_on_one_cpu_thread_and_keeps_the_callers_xla_flags():
     assert workers.worker_env({})["XLA_FLAGS"] == workers.ONE_THREAD_FLAGS
 
 
+def test_workers_start_on_different_models_and_each_trains_its_models_seeds_in_a_row(tmp_path):
+    """Runs of one model (all its seeds) form a group; groups are dealt round robin, the rest follow."""
+    runs = _located(tmp_path)  # plan order: openelm s0, uniform s0, openelm s1, uniform s1
+    names = [r.name for r in runs]
+    first = [r.name for r in workers.worker_order(runs, 0, 2)]
+    second = [r.name for r in workers.worker_order(runs, 1, 2)]
+    openelm, uniform = [n for n in names if n.startswith("openelm")], [n for n in names if n.startswith("uniform")]
+    assert first == openelm + uniform and second == uniform + openelm
+    assert sorted(first) == sorted(names) and workers.worker_order(runs, 0, 1) == [*
+        [r for r in runs if r.name.startswith("openelm")], *[r for r in runs if r.name.startswith("uniform")]]
+
+
 def _fake_trainer(monkeypatch, trained, loss=lambda r: 3.0, pause=0.0):
     def fake_train(planned, progress, lead):
         trained.append(planned.name)
@@ -55,7 +67,7 @@ def test_a_waiting_worker_waits_for_a_held_run_and_trains_it_only_if_its_holder_
     held = runs[1]
     lock = FileLock.acquire(run_lock_path(held.config.run_dir), heartbeat_s=0.05)  # another live driver (this pid)
     result = {}
-    opts = driver.Options(progress=False, wait_for_held=True, heartbeat_s=0.05)
+    opts = driver.Options(progress=False, worker=(0, 1), heartbeat_s=0.05)
     t = threading.Thread(target=lambda: result.update(summary=driver.run_sweep(runs, tmp_path / "sweep", opts)))
     t.start()
     deadline = time.time() + 30
@@ -102,9 +114,9 @@ def test_two_workers_share_a_tuned_sweep_each_run_trained_once(tmp_path, monkeyp
     path = write_grid(tmp_path / "g.yaml", AXES, tune={"axis": "optimizer.lr", "values": [1e-3, 2e-3, 4e-3],
                                                         "seeds": [100]})
     out = tmp_path / "sweep"
-    argv = [str(path), "--out", str(out), "--worker", "--no-report"]
+    argv = [str(path), "--out", str(out), "--no-report", "--worker"]
     codes = []
-    threads = [threading.Thread(target=lambda: codes.append(run.main(argv))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda i=i: codes.append(run.main(argv + [f"{i}/2"]))) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
