@@ -11,7 +11,7 @@ Each worker is an ordinary driver over the whole plan (``sweeps.run ...
 ``sweeps.locks`` hand out the work), waits for the runs another worker holds
 instead of leaving them, and trains them itself if that worker dies. The
 workers are forced onto the CPU (``JAX_PLATFORMS=cpu``) with one XLA thread
-each. This parent starts them, prefixes their output with ``wK|``, forwards
+each, pinned to their own cores (:func:`core_sets`). This parent starts them, prefixes their output with ``wK|``, forwards
 SIGINT/SIGTERM (each worker checkpoints and stops), and returns the worst
 exit status; ``sweeps.run`` then rebuilds the results and writes the report.
 Pure Python: the parent never starts JAX.
@@ -71,6 +71,24 @@ def worker_order(runs: list, index: int, count: int) -> list:
     return [run for g in mine + rest for run in g]
 
 
+def core_sets(jobs: int, available: list[int] | None = None) -> list[list[int]]:
+    """The cores each worker may run on: this process's cores split into ``jobs`` contiguous sets
+    (round robin, one core each, when there are more workers than cores).
+
+    Pinning is what makes a worker single-threaded in practice: XLA:CPU sizes
+    its thread pool from the cores it may use, and two workers whose threads
+    roam over all cores slow each other down (measured: 10.5k tokens/s per
+    worker unpinned against 15k pinned, for a 490k-parameter model)."""
+    cores = sorted(os.sched_getaffinity(0)) if available is None else sorted(available)
+    if jobs > len(cores):
+        return [[cores[i % len(cores)]] for i in range(jobs)]
+    return [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
+
+
+def _pin(cores: list[int]):
+    return lambda: os.sched_setaffinity(0, cores)  # in the child, before Python (and XLA) start
+
+
 def _relay(index: int, stream, out) -> None:
     for line in iter(stream.readline, ""):
         out.write(f"w{index}| {line}")
@@ -85,8 +103,10 @@ def run_workers(argv: list[str], jobs: int, out=None) -> int:
     saves a checkpoint and exits; returns 130."""
     out = sys.stdout if out is None else out
     cmd = [sys.executable, "-m", "sweeps.run", *argv]
-    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, bufsize=1) for i in range(jobs)]
+    cores = core_sets(jobs)
+    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env=worker_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_pin(cores[i]))
+             for i in range(jobs)]
     relays = [threading.Thread(target=_relay, args=(i, p.stdout, out), daemon=True) for i, p in enumerate(procs)]
     for t in relays:
         t.start()
