@@ -37,6 +37,7 @@ from analysis.markdown import number, table, with_interval
 from analysis.splits import final_metric, split_problems
 from analysis.tuning import main_rows, tune_rows
 from analysis.tuning_report import read_tune_record, tuned_label, tuning_section
+from analysis.pooled import pooled_relative_differences
 from analysis.power import ALPHA, POWER, RELATIVE_TARGETS, detectable_text, power_table, seeds_column
 
 DEFAULT_N_BOOT = 1000
@@ -185,7 +186,32 @@ def _power(ctx: _Ctx) -> str:
             "differences as the true one, and how many seed pairs would detect relative differences of "
             + ", ".join(f"{p:.1%}" for p in RELATIVE_TARGETS) + " (relative to the twin's mean loss). With few "
             "seeds the sd is itself uncertain, so read these as estimates; rows with one pair have no sd.\n\n"
-            + table(t[cols]))
+            + table(t[cols]) + _pooled_power(ctx))
+
+
+def _pooled_power(ctx: _Ctx) -> str:
+    """With several budgets: arm vs twin pooled over them, one relative difference per (budget, seed) pair."""
+    if ctx.df["budget"].nunique() < 2:
+        return ""
+    p = pooled_relative_differences(ctx.df, ctx.metric, n_boot=ctx.n_boot, seed=ctx.seed)
+    p = p[p["n_budgets"] > 1]
+    if p.empty:
+        return ""
+    pct = lambda v: f"{v:+.2%}" if math.isfinite(v) else "–"  # noqa: E731
+    t = p.assign(**{"relative difference [interval]": [f"{pct(r.rel_diff)} [{pct(r.low)}, {pct(r.high)}]"
+                                                       for r in p.itertuples()],
+                    "detectable (rel)": [f"{v:.2%}" if math.isfinite(v) else "–" for v in p["mde_rel"]],
+                    **{f"pairs for {q:.1%}": [_seeds(v) for v in p[f"pairs_for_{q * 100:g}%"]]
+                       for q in RELATIVE_TARGETS},
+                    "verdict": [v + (f"; we could have seen differences larger than {m:.2%} (relative)"
+                                     if v == "no clear difference" and math.isfinite(m) else "")
+                                for v, m in zip(p["verdict"], p["mde_rel"])]})
+    cols = ["arm", "n_budgets", "n_pairs", "relative difference [interval]", "detectable (rel)",
+            *[f"pairs for {q:.1%}" for q in RELATIVE_TARGETS], "verdict"]
+    return ("\n\nPooled over budgets (`analysis/pooled.py`): each (budget, seed) pair is one relative difference "
+            "(arm - twin) / twin, so the pairs add up across budgets; this is the mean effect over these budgets "
+            "(an effect that changes with size averages out), and the spread between budgets' effects only "
+            "widens the interval.\n\n" + table(t[cols]))
 
 
 def _seeds(v: float) -> str:

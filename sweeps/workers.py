@@ -1,10 +1,11 @@
 """``sweeps.run GRID --jobs N``: N worker processes on this machine's CPU, one core each.
 
-A tiny model's train step does not get faster with a second core (XLA:CPU
-splits its small matmuls badly), so on a laptop the cores are better spent
-on different runs: N single-threaded processes train N runs at once, and one
-worker's compile overlaps another's training. The numbers do not change: a
-run trains to the same bits in any worker (checked on every quickstart run).
+A small model's train step uses a second core poorly (2 XLA threads train
+a 150k-parameter model only about 1.5x faster than 1), so on a laptop the
+cores are better spent on different runs: N pinned single-core processes
+train N runs at once, and one worker's compile overlaps another's training.
+The numbers do not change: a run trains to the same bits in any worker
+(checked on every quickstart run).
 
 Each worker is an ordinary driver over the whole plan (``sweeps.run ...
 --worker``): it takes the next run nobody holds (the per-run locks of

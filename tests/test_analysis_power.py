@@ -69,3 +69,10 @@ def test_report_states_what_a_no_clear_difference_could_have_seen(tmp_path):
     summary = text.split("## ")[0]
     assert "we could have seen differences larger than" in summary
     assert "Sensitivity (80% power, alpha 0.05" in summary and "(detecting 1% would take up to" in summary
+    # two budgets x 4 seeds: the pooled table counts 8 pairs, and detects less than either budget alone
+    power = text.split("## Power: what this sweep could detect")[1].split("\n## ")[0]
+    pooled = [line for line in power.split("Pooled over budgets")[1].splitlines() if line.startswith("| middle")]
+    assert len(pooled) == 1 and pooled[0].startswith("| middle | 2 | 8 |")
+    per_budget = [line for line in power.split("Pooled over budgets")[0].splitlines() if line.startswith("| middle")]
+    rel = lambda line, i: float(line.split("|")[i].strip().rstrip("%"))  # noqa: E731
+    assert all(rel(pooled[0], 5) < rel(line, 6) for line in per_budget)
