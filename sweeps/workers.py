@@ -4,8 +4,11 @@ A small model's train step uses a second core poorly (2 XLA threads train
 a 150k-parameter model only about 1.5x faster than 1), so on a laptop the
 cores are better spent on different runs: N pinned single-core processes
 train N runs at once, and one worker's compile overlaps another's training.
-The numbers do not change: a run trains to the same bits in any worker
-(checked on every quickstart run).
+A worker's matmuls run on one XLA thread, and XLA:CPU splits
+some larger ones differently with one thread than with two, so a run's
+last bits can differ from a multi-threaded driver's (identical for small
+models such as the quickstart's; README, 'Sweeps'); with the same ``--jobs``
+a sweep reproduces its own runs bit for bit.
 
 Each worker is an ordinary driver over the whole plan (``sweeps.run ...
 --worker``): it takes the next run nobody holds (the per-run locks of

@@ -2,6 +2,7 @@
 train every run once, to the same numbers as one driver."""
 
 import math
+import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +41,14 @@ def test_workers_start_on_different_models_and_each_trains_its_models_seeds_in_a
     assert first == openelm + uniform and second == uniform + openelm
     assert sorted(first) == sorted(names) and workers.worker_order(runs, 0, 1) == [*
         [r for r in runs if r.name.startswith("openelm")], *[r for r in runs if r.name.startswith("uniform")]]
+
+
+def test_workers_get_disjoint_cores_and_share_them_round_robin_when_there_are_more_workers():
+    assert workers.core_sets(2, [0, 1]) == [[0], [1]]
+    assert workers.core_sets(2, [4, 5, 6, 7]) == [[4, 5], [6, 7]]
+    assert workers.core_sets(3, [0, 1, 2, 3]) == [[0], [1], [2, 3]]
+    assert workers.core_sets(3, [0, 1]) == [[0], [1], [0]]
+    assert sum(workers.core_sets(4), []) and all(workers.core_sets(4))  # this machine: never an empty set
 
 
 def _fake_trainer(monkeypatch, trained, loss=lambda r: 3.0, pause=0.0):
@@ -136,8 +145,10 @@ def test_jobs_refuses_nonsense():
     assert run.main(["sweeps/grids/quickstart.yaml", "--jobs", "2", "--preflight"]) == 2
 
 
-def test_jobs_2_trains_every_run_once_to_the_bits_of_one_driver(tmp_path):
-    """Real training in two worker processes (one XLA thread each) against one ordinary driver (two threads)."""
+def test_jobs_2_trains_every_run_once_and_a_tiny_grid_to_the_bits_of_one_driver(tmp_path):
+    """Real training in two pinned worker processes against one ordinary driver (all threads). Models this
+    small have no matmul that XLA splits across threads, so the bits must match: a worker that trained a
+    different config, seed or data would not."""
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 12}}
     path = write_grid(tmp_path / "g.yaml", AXES, base=base)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -153,3 +164,28 @@ def test_jobs_2_trains_every_run_once_to_the_bits_of_one_driver(tmp_path):
     assert sorted(line.split("] ")[1].split(":")[0] for line in starts) == sorted(b.index)  # each run once
     assert {line[:3] for line in starts} == {"w0|", "w1|"}  # and both workers trained
     assert "training steps" in printed  # the parent's end-of-sweep summary
+
+
+def test_sigterm_to_the_parent_stops_every_worker_at_a_checkpoint_and_a_rerun_finishes(tmp_path):
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 400, "eval_every": 200},
+            "checkpoint": {"every": 20, "keep": 2}}
+    path = write_grid(tmp_path / "g.yaml", AXES, base=base)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sweeps.run", str(path), "--no-progress", "--no-report", "--jobs", "2",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # wait until both workers train
+        seen.append(line)
+        if sum(": training (" in x for x in seen) >= 2:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, "".join(seen) + rest
+    states = [rd.read_status(d)["state"] for d in (out / "runs").iterdir()]
+    assert "running" not in states and states.count("pending") >= 1  # stopped runs wait, resumable
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    df = read_results(out)
+    assert len(df) == 4 and (df["status"] == "done").all() and (df["final_step"] == 400).all()
