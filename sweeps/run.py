@@ -149,6 +149,10 @@ def main(argv=None) -> int:
     print(f"sweep '{grid.name}': {len(runs)} runs{tuned} in {sweep_dir}{where}")
     if args.jobs > 1:
         return _run_jobs(args, grid, shard, sweep_dir, todo)
+    if args.worker:
+        from sweeps.workers import pin_after_start
+
+        pin_after_start()  # before anything compiles: see its docstring
     opts = Options(retry_failed=args.retry_failed, retry_diverged=args.retry_diverged,
                    progress=not (args.no_progress or args.worker), stale_after_s=args.lock_timeout,
                    heartbeat_s=min(HEARTBEAT_S, args.lock_timeout / 4), shard_index=shard.index if shard else -1,

@@ -4,18 +4,17 @@ A small model's train step uses a second core poorly (2 XLA threads train
 a 150k-parameter model only about 1.5x faster than 1), so on a laptop the
 cores are better spent on different runs: N pinned single-core processes
 train N runs at once, and one worker's compile overlaps another's training.
-A worker's matmuls run on one XLA thread, and XLA:CPU splits
-some larger ones differently with one thread than with two, so a run's
-last bits can differ from a multi-threaded driver's (identical for small
-models such as the quickstart's; README, 'Sweeps'); with the same ``--jobs``
-a sweep reproduces its own runs bit for bit.
+Each worker starts JAX with the machine's cores and only then moves its
+threads onto its own core (:func:`pin_after_start`), so its XLA thread pool
+splits work as one driver's does: a run trains to the same bits in a
+worker as in one driver (README, 'Sweeps').
 
 Each worker is an ordinary driver over the whole plan (``sweeps.run ...
 --worker``): it takes the next run nobody holds (the per-run locks of
 ``sweeps.locks`` hand out the work), waits for the runs another worker holds
 instead of leaving them, and trains them itself if that worker dies. The
-workers are forced onto the CPU (``JAX_PLATFORMS=cpu``) with one XLA thread
-each, pinned to their own cores (:func:`core_sets`). This parent starts them, prefixes their output with ``wK|``, forwards
+workers are forced onto the CPU (``JAX_PLATFORMS=cpu``) and pinned to
+their own cores (:func:`core_sets`). This parent starts them, prefixes their output with ``wK|``, forwards
 SIGINT/SIGTERM (each worker checkpoints and stops), and returns the worst
 exit status; ``sweeps.run`` then rebuilds the results and writes the report.
 Pure Python: the parent never starts JAX.
@@ -30,16 +29,12 @@ import subprocess
 import sys
 import threading
 
-# One XLA:CPU thread per worker; a tiny model's step is as fast on one core (README, "Sweeps").
-ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 EXIT_INTERRUPTED = 130
 
 
 def worker_env(env: dict | None = None) -> dict:
-    """The environment of a worker: CPU only, one XLA thread, the caller's other XLA flags kept."""
+    """The environment of a worker: the caller's, on the CPU, with unbuffered output."""
     env = dict(os.environ if env is None else env)
-    flags = env.get("XLA_FLAGS", "").strip()
-    env["XLA_FLAGS"] = f"{flags} {ONE_THREAD_FLAGS}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the parent as they are printed
     return env
@@ -79,18 +74,41 @@ def core_sets(jobs: int, available: list[int] | None = None) -> list[list[int]]:
     """The cores each worker may run on: this process's cores split into ``jobs`` contiguous sets
     (round robin, one core each, when there are more workers than cores).
 
-    Pinning is what makes a worker single-threaded in practice: XLA:CPU sizes
-    its thread pool from the cores it may use, and two workers whose threads
-    roam over all cores slow each other down (measured: 10.5k tokens/s per
-    worker unpinned against 15k pinned, for a 490k-parameter model)."""
+    Two workers whose threads roam over all cores slow each other down
+    (measured: 10.5k tokens/s per worker unpinned against 15k pinned, for a
+    490k-parameter model)."""
     cores = sorted(os.sched_getaffinity(0)) if available is None else sorted(available)
     if jobs > len(cores):
         return [[cores[i % len(cores)]] for i in range(jobs)]
     return [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
 
 
-def _pin(cores: list[int]):
-    return lambda: os.sched_setaffinity(0, cores)  # in the child, before Python (and XLA) start
+CORES_ENV = "ELMJAX_WORKER_CORES"  # the cores a worker moves onto once its JAX CPU client has started
+
+
+def pin_after_start() -> None:
+    """In a worker: start JAX's CPU client with the process's full affinity, then move every thread onto the
+    worker's cores (``ELMJAX_WORKER_CORES``).
+
+    XLA:CPU sizes its thread pool from the cores it may use at start, and
+    the pool's size decides how some ops split their work, hence the last
+    bits. Pinned before the start (one thread), a worker's 400k-parameter
+    runs drift from one driver's by ~1e-7; pinned after, they match it
+    bit for bit while each worker still keeps to its own core. Threads
+    made later inherit the affinity of the (pinned) thread that makes them.
+    """
+    cores = os.environ.get(CORES_ENV)
+    if not cores:
+        return
+    import jax
+
+    jax.devices()
+    wanted = {int(c) for c in cores.split(",")}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), wanted)
+        except OSError:  # a thread that ended meanwhile
+            pass
 
 
 def _relay(index: int, stream, out) -> None:
@@ -108,8 +126,8 @@ def run_workers(argv: list[str], jobs: int, out=None) -> int:
     out = sys.stdout if out is None else out
     cmd = [sys.executable, "-m", "sweeps.run", *argv]
     cores = core_sets(jobs)
-    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env=worker_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_pin(cores[i]))
+    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env={**worker_env(), CORES_ENV: ",".join(map(str, cores[i]))}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, bufsize=1)
              for i in range(jobs)]
     relays = [threading.Thread(target=_relay, args=(i, p.stdout, out), daemon=True) for i, p in enumerate(procs)]
     for t in relays:

@@ -2,6 +2,7 @@
 train every run once, to the same numbers as one driver."""
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -24,11 +25,64 @@ AXES = {"budget": {"kind": "params", "values": [4e4]}, "allocation": {"openelm":
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_worker_runs_on_one_cpu_thread_and_keeps_the_callers_xla_flags():
+def test_a_worker_runs_on_the_cpu_and_keeps_the_callers_xla_flags():
     env = workers.worker_env({"XLA_FLAGS": "--xla_dump_to=/tmp/x", "PATH": "/bin"})
-    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + workers.ONE_THREAD_FLAGS
-    assert env["JAX_PLATFORMS"] == "cpu" and env["PATH"] == "/bin"
-    assert workers.worker_env({})["XLA_FLAGS"] == workers.ONE_THREAD_FLAGS
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x" and env["PATH"] == "/bin"
+    assert env["JAX_PLATFORMS"] == "cpu" and env["PYTHONUNBUFFERED"] == "1"
+
+
+_STEPS = """
+import hashlib, os, sys
+import numpy as np
+if sys.argv[1] == "before":
+    os.sched_setaffinity(0, {0})  # pinned before JAX starts: a one-thread XLA pool
+from sweeps import workers
+workers.pin_after_start()  # with ELMJAX_WORKER_CORES set (the "after" run)
+import jax
+from sweeps.grid import load_grid
+from sweeps.plan import build_plan
+from elmjax.sharding import make_mesh
+from elmjax.state import state_layout
+from elmjax.train_program import jit_train_step
+from elmjax import programs
+from elmjax.data import train_iterator
+cfg = build_plan(load_grid("sweeps/grids/quickstart.yaml"))[8].config  # a 400k-parameter model
+mesh = make_mesh(cfg.mesh)
+layout = state_layout(cfg, mesh)
+state = programs._compile_create(mesh, layout, programs.CPU_INIT_OPTIONS)(np.int32(0))
+step = jit_train_step(cfg, mesh, layout)
+batches = train_iterator(cfg.data)
+for _ in range(60):
+    state, _ = step(state, next(batches))
+leaves = jax.tree.leaves(jax.device_get(state.params))
+cores = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+print(hashlib.sha1(b"".join(np.asarray(x).tobytes() for x in leaves)).hexdigest(), sorted(map(sorted, cores)))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell a pinned pool from a full one")
+def test_a_worker_pins_its_threads_after_jax_starts_so_it_trains_to_one_drivers_bits():
+    """60 steps of a 400k-parameter model: in a process free on every core, in a worker pinned after JAX
+    started (pin_after_start), and in one pinned before (a one-thread XLA pool, which splits some work
+    differently: the variant this guards against must really differ)."""
+    def train(mode, cores=None):
+        env = {**workers.worker_env(), "XLA_FLAGS": ""}  # one CPU device, as a sweep on a laptop
+        env.pop(workers.CORES_ENV, None)
+        if cores is not None:
+            env[workers.CORES_ENV] = cores
+        out = subprocess.run([sys.executable, "-c", _STEPS, mode], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        digest, _, cores_seen = out.stdout.strip().splitlines()[-1].partition(" ")
+        return digest, cores_seen
+
+    free, free_cores = train("free")
+    after, after_cores = train("after", cores="0")
+    before, _ = train("before")
+    assert after_cores == "[[0]]", "every thread of the worker must end up on its core"
+    assert free_cores != "[[0]]"
+    assert after == free
+    assert before != free
 
 
 def test_workers_start_on_different_models_and_each_trains_its_models_seeds_in_a_row(tmp_path):
