@@ -203,15 +203,18 @@ def _diff_row(key: dict, d: np.ndarray, good: pd.DataFrame, dropped: int, metric
         row["seed_sd"] = float(d.std(ddof=1))
         if row["seed_sd"] > abs(mean) or (d.min() < 0 < d.max()):
             notes.append(f"seeds disagree more than the effect (sd {row['seed_sd']:.3g} vs mean {mean:+.3g})")
-    if n < MIN_PAIRS_FOR_INTERVAL:
-        row["verdict"] = f"undetermined ({n} pair{'s' if n > 1 else ''})"
-    elif row["high"] < 0 or row["low"] > 0:
-        arm_lower = row["high"] < 0
-        row["verdict"] = "arm better" if arm_lower == lower_is_better(metric) else "arm worse"
-    else:
-        row["verdict"] = "no clear difference"
+    row["verdict"] = verdict(n, row["low"], row["high"], metric)
     row["note"] = "; ".join(notes)
     return row
+
+
+def verdict(n: int, low: float, high: float, metric: str) -> str:
+    """Arm minus reference from ``n`` pairs and its interval: better or worse only when the interval excludes 0."""
+    if n < MIN_PAIRS_FOR_INTERVAL:
+        return f"undetermined ({n} pair{'s' if n > 1 else ''})"
+    if high < 0 or low > 0:
+        return "arm better" if (high < 0) == lower_is_better(metric) else "arm worse"
+    return "no clear difference"
 
 
 def arm_differences(df: pd.DataFrame, reference: str, metric: str = "val_loss", *, n_boot: int = 2000,

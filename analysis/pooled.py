@@ -17,7 +17,7 @@ What the pooled number means, and what it assumes:
   spread, which includes the spread between budgets' true effects, only
   makes the interval and the detectable difference larger (conservative);
 * the interval and verdict follow the per-budget rules
-  (:func:`analysis.compare.mean_interval`); the detectable difference and
+  (:func:`analysis.compare.mean_interval` and `verdict`); the detectable difference and
   the pairs needed come from :mod:`analysis.power` with the observed sd.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.bootstrap import DEFAULT_LEVEL
-from analysis.compare import MIN_PAIRS_FOR_INTERVAL, lower_is_better, mean_interval, pairs
+from analysis.compare import mean_interval, pairs, verdict
 from analysis.power import ALPHA, POWER, RELATIVE_TARGETS, min_detectable_effect, seeds_needed
 
 COLUMNS = ["arm", "n_budgets", "n_pairs", "rel_diff", "low", "high", "interval", "seed_sd", "mde_rel",
@@ -60,14 +60,7 @@ def pooled_relative_differences(df: pd.DataFrame, metric: str = "val_loss", *, n
                "mde_rel": min_detectable_effect(sd, n, ALPHA, POWER) if n > 1 else math.nan}
         for target in RELATIVE_TARGETS:
             row[f"pairs_for_{target * 100:g}%"] = seeds_needed(target, sd, ALPHA, POWER) if n > 1 else math.nan
-        row["verdict"] = _verdict(n, low, high, metric)
+        row["verdict"] = verdict(n, low, high, metric)
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
-
-def _verdict(n: int, low: float, high: float, metric: str) -> str:
-    if n < MIN_PAIRS_FOR_INTERVAL:
-        return f"undetermined ({n} pair{'s' if n != 1 else ''})"
-    if high < 0 or low > 0:
-        return "arm better" if (high < 0) == lower_is_better(metric) else "arm worse"
-    return "no clear difference"

@@ -212,11 +212,10 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: Path, opts: Options = Options()
         runs = worker_order(runs, *opts.worker)
     summary = _pass(runs, sweep_dir, opts)
     while opts.wait_for_held and summary.held:
-        held = summary.held
-        wait_for_release(held, opts.stale_after_s)
-        again = _pass(held, sweep_dir, dataclasses.replace(opts, retry_failed=False, retry_diverged=False))
+        wait_for_release(summary.held, opts.stale_after_s)
+        again = _pass(summary.held, sweep_dir, dataclasses.replace(opts, retry_failed=False, retry_diverged=False))
         for outcome, n in again.counts.items():
-            if not outcome.startswith("skipped (held"):
+            if outcome != HELD:
                 summary.counts[outcome] = summary.counts.get(outcome, 0) + n
         summary.held = again.held
         summary.counts.pop(HELD, None)  # every held run has been looked at again and counted there

@@ -74,12 +74,18 @@ class Stage:
         return self.tune_runs + self.main_runs
 
 
-def cell_key(cfg: Config, spec: TuneSpec) -> str:
-    """A run's config without its seeds and without the tuned setting: runs sharing it share one tuned value."""
+def identity_without(cfg: Config, paths) -> dict:
+    """A run's identity (:func:`elmjax.config.identity`) without the dotted ``paths`` (e.g. its seeds)."""
     d = identity(cfg)
-    for path in (*SEED_PATHS, spec.axis):
+    for path in paths:
         section, _, name = path.partition(".")
         d.get(section, {}).pop(name, None)
+    return d
+
+
+def cell_key(cfg: Config, spec: TuneSpec) -> str:
+    """A run's config without its seeds and without the tuned setting: runs sharing it share one tuned value."""
+    d = identity_without(cfg, (*SEED_PATHS, spec.axis))
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
 
 
@@ -283,13 +289,14 @@ def run_tuned(grid: Grid, base_runs: list[PlannedRun], sweep_dir: Path, opts, se
                 total.counts[outcome] = total.counts.get(outcome, 0) + n
         new = plan_stage(grid, base_runs, sweep_dir)
         _say_extensions(grid.tune, stage.cells, new)
-        if [r.name for r in new.runs] == [r.name for r in stage.runs] and new.waiting and opts.wait_for_held:
-            # A local worker: the cells still waiting wait on tuning runs another worker trains.
-            # run_sweep returned once they were released, so plan again (after a pause, not a spin).
+        unchanged = [r.name for r in new.runs] == [r.name for r in stage.runs]
+        if unchanged and new.waiting and opts.wait_for_held:
+            # A local worker: the cells still waiting wait on tuning runs another worker took after this
+            # pass looked at them; plan again (after a pause, not a spin) and wait for those in the next pass.
             time.sleep(POLL_S)
             stage = new
             continue
-        if [r.name for r in new.runs] == [r.name for r in stage.runs]:
+        if unchanged:
             for outcome, n in summary.counts.items():
                 if outcome.startswith("skipped"):
                     total.counts[outcome] = n

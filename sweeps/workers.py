@@ -14,9 +14,10 @@ Each worker is an ordinary driver over the whole plan (``sweeps.run ...
 ``sweeps.locks`` hand out the work), waits for the runs another worker holds
 instead of leaving them, and trains them itself if that worker dies. The
 workers are forced onto the CPU (``JAX_PLATFORMS=cpu``) and pinned to
-their own cores (:func:`core_sets`). This parent starts them, prefixes their output with ``wK|``, forwards
-SIGINT/SIGTERM (each worker checkpoints and stops), and returns the worst
-exit status; ``sweeps.run`` then rebuilds the results and writes the report.
+their own cores (:func:`core_sets`). This parent starts them, prefixes
+their output with ``wK|``, forwards SIGINT/SIGTERM (each worker checkpoints
+and stops), and returns the worst exit status; ``sweeps.run`` then rebuilds
+the results and writes the report.
 Pure Python: the parent never starts JAX.
 """
 
@@ -42,14 +43,9 @@ def worker_env(env: dict | None = None) -> dict:
 
 def program_group(run) -> str:
     """Runs that compile the same programs: the config without its seeds (and where it is written)."""
-    from elmjax.config import identity
-    from sweeps.tune import SEED_PATHS
+    from sweeps.tune import SEED_PATHS, identity_without
 
-    d = identity(run.config)
-    for path in SEED_PATHS:
-        section, _, name = path.partition(".")
-        d.get(section, {}).pop(name, None)
-    return json.dumps(d, sort_keys=True)
+    return json.dumps(identity_without(run.config, SEED_PATHS), sort_keys=True)
 
 
 def worker_order(runs: list, index: int, count: int) -> list:
@@ -126,9 +122,9 @@ def run_workers(argv: list[str], jobs: int, out=None) -> int:
     out = sys.stdout if out is None else out
     cmd = [sys.executable, "-m", "sweeps.run", *argv]
     cores = core_sets(jobs)
-    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env={**worker_env(), CORES_ENV: ",".join(map(str, cores[i]))}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1)
-             for i in range(jobs)]
+    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], env={**worker_env(), CORES_ENV: ",".join(map(str, c))},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+             for i, c in enumerate(cores)]
     relays = [threading.Thread(target=_relay, args=(i, p.stdout, out), daemon=True) for i, p in enumerate(procs)]
     for t in relays:
         t.start()
