@@ -83,3 +83,30 @@ def test_final_json_has_test_metrics_and_split_fingerprints(tmp_path):
     from elmjax import run_dir as rd
 
     assert not [r for r in rd.read_metrics(tmp_path / "run") if "test_loss" in r]
+
+
+def test_scoring_the_test_split_counts_in_the_run_times(tmp_path, monkeypatch):
+    """The test split is scored after the last checkpoint: its time is eval time, inside wall_time_s."""
+    import time
+
+    from elmjax import train
+    from elmjax.run_times import TIME_KEYS
+    from train_helpers import tiny_config
+
+    slow = 1.0  # far above what the rest of this run spends evaluating
+
+    def slow_held_out_final(session, params):
+        time.sleep(slow)
+        return held_out_final(session, params)
+
+    held_out_final = train.held_out_final
+    monkeypatch.setattr(train, "held_out_final", slow_held_out_final)
+    cfg = tiny_config(tmp_path / "run", "data.test_sequences=8", "train.steps=6", "train.eval_every=6",
+                      "checkpoint.enabled=false")
+    start = time.perf_counter()
+    assert train.run(cfg).state == "done"
+    elapsed = time.perf_counter() - start
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["eval_s"] >= slow
+    assert sum(final[k] for k in TIME_KEYS) == pytest.approx(final["wall_time_s"])
+    assert elapsed - final["wall_time_s"] < slow / 2  # nothing of the run is left outside its wall time
