@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from elmjax.model import OpenELM, rotary
+from elmjax.model import OpenELM, default_rotary
 from elmjax.model_config import ModelConfig
 from elmjax.train_step import cross_entropy
 
@@ -60,8 +60,7 @@ def component_times(cfg: ModelConfig, optimizer: optax.GradientTransformation, b
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32))
     x = jnp.asarray(rng.standard_normal((batch, seq_len, cfg.model_dim), np.float32), model.dtype)
-    positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-    rot = rotary(positions, cfg.head_dim, cfg.rope_theta)
+    rot = default_rotary(seq_len, cfg.head_dim, cfg.rope_theta)  # as training computes it
     out = {"embedding": _fwd_bwd(model, lambda m, t: m.embed(t), tokens[:, :-1], reps=reps)}
     for name, apply in (("attention", lambda layer, h: layer.attn(layer.attn_norm(h), rot)),
                         ("ffn", lambda layer, h: layer.ffn(layer.ffn_norm(h)))):

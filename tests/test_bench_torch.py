@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+from flax import nnx
+
+import elmjax.bench_torch as bt
+from elmjax.hf_interop import config_to_hf, params_to_hf
+from elmjax.model import OpenELM
+from elmjax.model_config import ModelConfig
+
+TINY = ModelConfig(num_layers=3, model_dim=64, head_dim=16, num_gqa_groups=2, qkv_multipliers=(0.5, 1.0),
+                   ffn_multipliers=(0.5, 2.0), ffn_dim_divisor=16, vocab_size=97)
+
+
+def test_without_pytorch_it_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setattr(bt, "_torch", lambda: None)
+    assert bt.main(["--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "PyTorch is not installed" in err and "pip install torch" in err
+
+
+def test_the_pytorch_port_computes_elmjax_logits():
+    torch = pytest.importorskip("torch")
+    model = OpenELM(TINY, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    port = bt.TorchOpenELM(torch, config_to_hf(TINY, "float32"), params_to_hf(TINY, params), TINY.norm_eps)
+    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 11))
+    want = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    got = port(torch.from_numpy(tokens)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # The layer-wise head counts matter: another model's weights give other logits, so the check can fail.
+    other = OpenELM(TINY, rngs=nnx.Rngs(1))
+    other_port = bt.TorchOpenELM(torch, config_to_hf(TINY, "float32"),
+                                 params_to_hf(TINY, nnx.to_pure_dict(nnx.state(other, nnx.Param))), TINY.norm_eps)
+    assert not np.allclose(other_port(torch.from_numpy(tokens)).detach().numpy(), want, atol=1e-2)
