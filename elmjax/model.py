@@ -35,6 +35,7 @@ from flax import nnx
 
 from elmjax import mup
 from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
+from elmjax.cpu_matmul import matmul
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
 from elmjax.sharding import constrain
@@ -154,14 +155,14 @@ class Attention(nnx.Module):
         w_DKCE = self.qkv_DKCE[...].astype(x_BLD.dtype)
         # One matmul per role on flat [B*L, D] rows, against slices of the
         # fused weight, rather than one [B, L, D] x [D, K, C, E] einsum whose
-        # output is then sliced: XLA:CPU runs 2-D matmuls and their weight
-        # gradients on its fast path, and slicing the weight (not the output)
-        # keeps the backward pass from zero-padding each activation slice
-        # back to the fused width. Same products, same numbers.
+        # output is then sliced: XLA:CPU runs 2-D matmuls on its fast path
+        # (``elmjax.cpu_matmul`` puts their weight gradients there too), and
+        # slicing the weight (not the output) keeps the backward pass from
+        # zero-padding each activation slice back to the fused width.
         x_ND = x_BLD.reshape(B * L, D)
-        q_BLHE = (x_ND @ w_DKCE[:, :, :G].reshape(D, K * G * E)).reshape(B, L, K * G, E)
-        k_BLKE = (x_ND @ w_DKCE[:, :, G].reshape(D, K * E)).reshape(B, L, K, E)
-        v_BLKE = (x_ND @ w_DKCE[:, :, G + 1].reshape(D, K * E)).reshape(B, L, K, E)
+        q_BLHE = matmul(x_ND, w_DKCE[:, :, :G].reshape(D, K * G * E)).reshape(B, L, K * G, E)
+        k_BLKE = matmul(x_ND, w_DKCE[:, :, G].reshape(D, K * E)).reshape(B, L, K, E)
+        v_BLKE = matmul(x_ND, w_DKCE[:, :, G + 1].reshape(D, K * E)).reshape(B, L, K, E)
         q_BLHE = constrain(q_BLHE, ("batch", "length", "heads", "head_dim"))
         k_BLKE = constrain(k_BLKE, ("batch", "length", "kv_heads", "head_dim"))
         v_BLKE = constrain(v_BLKE, ("batch", "length", "kv_heads", "head_dim"))
@@ -175,7 +176,7 @@ class Attention(nnx.Module):
         # matmul: XLA:CPU's fast path, same numbers as the 4-D einsum.
         attn_BLHE = constrain(attn_BLHE, ("batch", "length", "heads", "head_dim"))
         w_ND = self.out_KGED[...].astype(attn_BLHE.dtype).reshape(H * E, -1)
-        return (attn_BLHE.reshape(B * L, H * E) @ w_ND).reshape(B, L, -1)
+        return matmul(attn_BLHE.reshape(B * L, H * E), w_ND).reshape(B, L, -1)
 
     def __call__(self, x_BLD: jax.Array, rot: Rotary, mask_B1LL: jax.Array | None = None) -> jax.Array:
         q, k, v = self.project(x_BLD, rot)
@@ -214,11 +215,11 @@ class FeedForward(nnx.Module):
         # Flat [B*L, D] rows and one matmul per slice of the fused weight,
         # for the same reasons as in ``Attention.project``.
         x_ND = x_BLD.reshape(B * L, D)
-        h_NF = jax.nn.silu(x_ND @ w_DPF[:, 0])
+        h_NF = jax.nn.silu(matmul(x_ND, w_DPF[:, 0]))
         if self.glu:
-            h_NF = h_NF * (x_ND @ w_DPF[:, 1])
+            h_NF = h_NF * matmul(x_ND, w_DPF[:, 1])
         h_BLF = constrain(h_NF.reshape(B, L, -1), ("batch", "length", "mlp"))
-        out_ND = h_BLF.reshape(B * L, -1) @ self.out_FD[...].astype(h_BLF.dtype)
+        out_ND = matmul(h_BLF.reshape(B * L, -1), self.out_FD[...].astype(h_BLF.dtype))
         return out_ND.reshape(B, L, D)
 
 
