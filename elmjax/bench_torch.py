@@ -1,6 +1,7 @@
 """elmjax's train step against PyTorch eager on the same model, in one process.
 
     python -m elmjax.bench_torch --config elmjax/configs/tiny_cpu.yaml --batch 16 --seq-len 128
+    python -m elmjax.bench_torch --preset OpenELM-270M --batch 2 --seq-len 256 --steps 2 --rounds 3
 
 Needs PyTorch, which elmjax does not depend on (CPU build:
 ``pip install torch --index-url https://download.pytorch.org/whl/cpu``).
@@ -27,6 +28,7 @@ from elmjax import config_io
 from elmjax.config import Config, ExecutionConfig
 from elmjax.cpu_heap import keep_scratch_in_heap
 from elmjax.hf_interop import config_to_hf, params_to_hf
+from elmjax.model_config import preset
 
 
 def _torch():
@@ -95,7 +97,7 @@ def torch_train_step(torch, model: TorchOpenELM, opt, clip_norm: float):
         if clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         opt.step()
-        return loss
+        return loss.detach()
     return step
 
 
@@ -107,7 +109,8 @@ def _timed(fn, steps: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m elmjax.bench_torch", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="elmjax/configs/tiny_cpu.yaml", help="training config YAML (its model)")
+    p.add_argument("--config", default="elmjax/configs/tiny_cpu.yaml", help="training config YAML (its model and optimizer)")
+    p.add_argument("--preset", help="an OpenELM preset (e.g. OpenELM-270M) instead of the config's model")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
     except config_io.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg, opt_cfg = config.model, config.optimizer
+    cfg, opt_cfg = (preset(args.preset) if args.preset else config.model), config.optimizer
     if jax.default_backend() != "cpu":
         print(f"note: JAX runs on {jax.default_backend()}, PyTorch on the CPU", file=sys.stderr)
     arm = _compile(cfg, ExecutionConfig(dtype="float32"), args.batch, args.seq_len)

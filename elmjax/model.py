@@ -36,6 +36,7 @@ from flax import nnx
 from elmjax import mup
 from elmjax.attention import IMPLS as ATTENTION_IMPLS, attend
 from elmjax.cpu_matmul import matmul
+from elmjax.cpu_swiglu import swiglu
 from elmjax.layout import LayerLayout, layer_layout
 from elmjax.model_config import ModelConfig
 from elmjax.sharding import constrain
@@ -153,16 +154,16 @@ class Attention(nnx.Module):
         B, L, D = x_BLD.shape
         K, G, E = self.num_kv, self.groups, self.head_dim
         w_DKCE = self.qkv_DKCE[...].astype(x_BLD.dtype)
-        # One matmul per role on flat [B*L, D] rows, against slices of the
-        # fused weight, rather than one [B, L, D] x [D, K, C, E] einsum whose
-        # output is then sliced: XLA:CPU runs 2-D matmuls on its fast path
-        # (``elmjax.cpu_matmul`` puts their weight gradients there too), and
-        # slicing the weight (not the output) keeps the backward pass from
-        # zero-padding each activation slice back to the fused width.
+        # One matmul of flat [B*L, D] rows against the fused weight, then the
+        # roles sliced out of its output: XLA:CPU runs 2-D matmuls on its fast
+        # path (``elmjax.cpu_matmul`` puts their weight gradients there too).
+        # Slicing the weight instead copied (and, backward, zero-padded) the
+        # whole weight each step: most of the time of OpenELM-270M's step.
         x_ND = x_BLD.reshape(B * L, D)
-        q_BLHE = matmul(x_ND, w_DKCE[:, :, :G].reshape(D, K * G * E)).reshape(B, L, K * G, E)
-        k_BLKE = matmul(x_ND, w_DKCE[:, :, G].reshape(D, K * E)).reshape(B, L, K, E)
-        v_BLKE = matmul(x_ND, w_DKCE[:, :, G + 1].reshape(D, K * E)).reshape(B, L, K, E)
+        qkv_NKCE = matmul(x_ND, w_DKCE)
+        q_BLHE = qkv_NKCE[:, :, :G].reshape(B, L, K * G, E)
+        k_BLKE = qkv_NKCE[:, :, G].reshape(B, L, K, E)
+        v_BLKE = qkv_NKCE[:, :, G + 1].reshape(B, L, K, E)
         q_BLHE = constrain(q_BLHE, ("batch", "length", "heads", "head_dim"))
         k_BLKE = constrain(k_BLKE, ("batch", "length", "kv_heads", "head_dim"))
         v_BLKE = constrain(v_BLKE, ("batch", "length", "kv_heads", "head_dim"))
@@ -212,12 +213,10 @@ class FeedForward(nnx.Module):
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         B, L, D = x_BLD.shape
         w_DPF = self.in_DPF[...].astype(x_BLD.dtype)
-        # Flat [B*L, D] rows and one matmul per slice of the fused weight,
-        # for the same reasons as in ``Attention.project``.
-        x_ND = x_BLD.reshape(B * L, D)
-        h_NF = jax.nn.silu(matmul(x_ND, w_DPF[:, 0]))
-        if self.glu:
-            h_NF = h_NF * matmul(x_ND, w_DPF[:, 1])
+        # Flat [B*L, D] rows and one matmul against the fused weight, for
+        # the same reasons as in ``Attention.project``.
+        u_NPF = matmul(x_BLD.reshape(B * L, D), w_DPF)
+        h_NF = swiglu(u_NPF) if self.glu else jax.nn.silu(u_NPF[:, 0])
         h_BLF = constrain(h_NF.reshape(B, L, -1), ("batch", "length", "mlp"))
         out_ND = matmul(h_BLF.reshape(B * L, -1), self.out_FD[...].astype(h_BLF.dtype))
         return out_ND.reshape(B, L, D)

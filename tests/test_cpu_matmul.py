@@ -19,6 +19,16 @@ def test_gradients_equal_autodiffs():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_with_more_axes_keeps_them():
+    x = jax.random.normal(jax.random.key(0), (64, 24))
+    w = jax.random.normal(jax.random.key(1), (24, 2, 3, 5))
+    assert matmul(x, w).shape == (64, 2, 3, 5)
+    np.testing.assert_allclose(matmul(x, w), jnp.einsum("nd,dkce->nkce", x, w), rtol=1e-5, atol=1e-5)
+    f = lambda a, b: jnp.einsum("nd,dkce->nkce", a, b)
+    for got, want in zip(_grads(matmul, x, w), _grads(f, x, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _transposed_lhs_dots(f, x, w) -> int:
     """Dots in the compiled gradient whose left operand contracts its first axis."""
     text = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1))).lower(x, w).compile().as_text()
