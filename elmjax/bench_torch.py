@@ -1,7 +1,7 @@
-"""elmjax's train step against PyTorch eager on the same model, in one process.
+"""elmjax's train step against PyTorch eager on the same model.
 
     python -m elmjax.bench_torch --config elmjax/configs/tiny_cpu.yaml --batch 16 --seq-len 128
-    python -m elmjax.bench_torch --preset OpenELM-270M --batch 2 --seq-len 256 --steps 2 --rounds 3
+    python -m elmjax.bench_torch --preset OpenELM-270M --batch 2 --seq-len 256 --steps 2 --rounds 3 --separate
 
 Needs PyTorch, which elmjax does not depend on (CPU build:
 ``pip install torch --index-url https://download.pytorch.org/whl/cpu``).
@@ -13,12 +13,18 @@ tied head) and trains with ``torch.optim.AdamW`` and gradient clipping, as a
 PyTorch user of the HF code would. It starts from elmjax's own initial
 parameters (``hf_interop.params_to_hf``); the script checks that both give
 the same first loss before it times anything. The steps alternate in rounds
-so machine noise hits both; the ratio is the number to compare.
+so machine noise hits both; the ratio is the number to compare. By default
+both run in one process. ``--separate`` runs each round of each side in a
+fresh process (which still checks the first losses): at OpenELM-270M,
+sharing a process with PyTorch's model and optimizer state made elmjax's
+step about 2x slower than alone (cause not found).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import sys
 import time
 
@@ -101,13 +107,33 @@ def torch_train_step(torch, model: TorchOpenELM, opt, clip_norm: float):
     return step
 
 
+SIDES = ("elmjax", "PyTorch")
+
+
 def _timed(fn, steps: int) -> float:
     t0 = time.perf_counter()
     fn(steps)
     return time.perf_counter() - t0
 
 
-def main(argv=None) -> int:
+def _torch_side(torch, cfg, opt_cfg, params: dict, tokens: np.ndarray):
+    """PyTorch's model at elmjax's initial ``params`` and its train step on ``tokens``:
+    (run(steps), the loss of its first step)."""
+    model = TorchOpenELM(torch, config_to_hf(cfg, "float32"), params_to_hf(cfg, params), cfg.norm_eps)
+    opt = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
+                            weight_decay=opt_cfg.weight_decay)
+    step = torch_train_step(torch, model, opt, opt_cfg.clip_norm)
+    ttokens = torch.from_numpy(tokens.astype(np.int64))
+    first = float(step(ttokens))
+
+    def run(steps):
+        for _ in range(steps):
+            step(ttokens)
+
+    return run, first
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m elmjax.bench_torch", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="elmjax/configs/tiny_cpu.yaml", help="training config YAML (its model and optimizer)")
     p.add_argument("--preset", help="an OpenELM preset (e.g. OpenELM-270M) instead of the config's model")
@@ -115,58 +141,94 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=6)
-    args = p.parse_args(argv)
-    torch = _torch()
-    if torch is None:
-        print("error: PyTorch is not installed; it is only needed for this comparison:\n"
-              "  pip install torch --index-url https://download.pytorch.org/whl/cpu", file=sys.stderr)
-        return 2
-    keep_scratch_in_heap()  # before JAX starts its CPU client, as elmjax.bench
+    p.add_argument("--separate", action="store_true",
+                   help="time each side in its own process, alternating rounds (for large models: see the README)")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side only: what --separate runs
+    return p
+
+
+def _sides(torch, args) -> dict[str, float]:
+    """Seconds of each side's timed steps (``args.side`` only, when given), after checking that
+    the first losses agree."""
     import jax
 
     from elmjax.bench import _compile
 
-    try:
-        config = config_io.load(Config, args.config, [])
-    except config_io.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = config_io.load(Config, args.config, [])
     cfg, opt_cfg = (preset(args.preset) if args.preset else config.model), config.optimizer
-    if jax.default_backend() != "cpu":
-        print(f"note: JAX runs on {jax.default_backend()}, PyTorch on the CPU", file=sys.stderr)
     arm = _compile(cfg, ExecutionConfig(dtype="float32"), args.batch, args.seq_len)
-    params = jax.tree.map(np.asarray, jax.device_get(arm.state.params))  # before the donating step
-    model = TorchOpenELM(torch, config_to_hf(cfg, "float32"), params_to_hf(cfg, params), cfg.norm_eps)
-    opt = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
-                            weight_decay=opt_cfg.weight_decay)
-    tstep = torch_train_step(torch, model, opt, opt_cfg.clip_norm)
-    ttokens = torch.from_numpy(np.asarray(arm.tokens).astype(np.int64))
-
-    # Same function: the first losses (before any update) agree.
-    arm.state, metrics = arm.compiled(arm.state, arm.tokens)
-    jax_loss, torch_loss = float(metrics["loss"]), float(tstep(ttokens))
-    print(f"first loss: elmjax {jax_loss:.6f}  PyTorch {torch_loss:.6f}")
-    if not np.isclose(jax_loss, torch_loss, rtol=1e-4):
-        print("error: the two implementations disagree; not timing them", file=sys.stderr)
-        return 1
+    runs = {}
 
     def run_jax(steps):
         for _ in range(steps):
             arm.state, m = arm.compiled(arm.state, arm.tokens)
         jax.block_until_ready(m)
 
-    def run_torch(steps):
-        for _ in range(steps):
-            tstep(ttokens)
-
-    run_jax(1), run_torch(1)  # warm-up
-    seconds = {"elmjax": 0.0, "PyTorch": 0.0}
+    if args.side != "PyTorch":
+        runs["elmjax"] = run_jax
+    if args.side != "elmjax":
+        # Built from elmjax's initial parameters, before the donating step; the PyTorch side's
+        # process checks the first losses (an elmjax-only process never builds PyTorch's model:
+        # at 270M its memory alone slowed elmjax's step about 2x).
+        params = jax.tree.map(np.asarray, jax.device_get(arm.state.params))
+        run_torch, torch_loss = _torch_side(torch, cfg, opt_cfg, params, np.asarray(arm.tokens))
+        arm.state, metrics = arm.compiled(arm.state, arm.tokens)
+        jax_loss = float(metrics["loss"])
+        print(f"first loss: elmjax {jax_loss:.6f}  PyTorch {torch_loss:.6f}")
+        if not np.isclose(jax_loss, torch_loss, rtol=1e-4):
+            raise ValueError("the two implementations disagree (first loss); not timing them")
+        runs["PyTorch"] = run_torch
+        if args.side == "PyTorch":
+            del arm  # this process times PyTorch alone
+    for run in runs.values():
+        run(1)  # warm-up
+    seconds = {name: 0.0 for name in runs}
     for _ in range(args.rounds):
-        seconds["elmjax"] += _timed(run_jax, args.steps)
-        seconds["PyTorch"] += _timed(run_torch, args.steps)
+        for name, run in runs.items():
+            seconds[name] += _timed(run, args.steps)
+    return seconds
+
+
+def _separate(args) -> dict[str, float]:
+    """Each round of each side in a fresh ``--side`` process; the seconds of their timed steps."""
+    model = ["--preset", args.preset] if args.preset else []
+    common = [sys.executable, "-m", "elmjax.bench_torch", "--config", args.config, *model, "--batch", str(args.batch),
+              "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rounds", "1"]
+    seconds = {name: 0.0 for name in SIDES}
+    for r in range(args.rounds):
+        for name in SIDES:
+            cmd = [*common, "--side", name]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            found = re.search(r"^timed (\S+) s$", out.stdout, re.M)
+            if out.returncode != 0 or not found:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}{out.stderr}")
+            seconds[name] += float(found.group(1))
+            print(f"round {r + 1}/{args.rounds} {name}: {float(found.group(1)):.2f} s", flush=True)
+    return seconds
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    torch = _torch()
+    if torch is None:
+        print("error: PyTorch is not installed; it is only needed for this comparison:\n"
+              "  pip install torch --index-url https://download.pytorch.org/whl/cpu", file=sys.stderr)
+        return 2
+    keep_scratch_in_heap()  # before JAX starts its CPU client, as elmjax.bench
+    try:
+        if args.separate:
+            seconds, where = _separate(args), "each side in its own process"
+        else:
+            seconds, where = _sides(torch, args), "in one process"
+    except (config_io.ConfigError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if not isinstance(e, config_io.ConfigError) else 2
+    if args.side:
+        print(f"timed {seconds[args.side]:.6f} s")
+        return 0
     tokens = args.rounds * args.steps * args.batch * args.seq_len
-    print(f"device: cpu, {torch.get_num_threads()} PyTorch threads, JAX on {jax.devices()[0].device_kind}; "
-          f"batch {args.batch} x {args.seq_len}, float32, AdamW")
+    print(f"CPU, {torch.get_num_threads()} PyTorch threads, {where}; batch {args.batch} x {args.seq_len}, "
+          f"float32, AdamW")
     for name, s in seconds.items():
         print(f"{name:>8}: {tokens / s:,.0f} tokens/s  ({1e3 * s / (args.rounds * args.steps):.1f} ms/step)")
     print(f"ratio elmjax / PyTorch tokens/s: {seconds['PyTorch'] / seconds['elmjax']:.3f}  (target >= 1.1)")

@@ -32,3 +32,28 @@ def test_the_pytorch_port_computes_elmjax_logits():
     other_port = bt.TorchOpenELM(torch, config_to_hf(TINY, "float32"),
                                  params_to_hf(TINY, nnx.to_pure_dict(nnx.state(other, nnx.Param))), TINY.norm_eps)
     assert not np.allclose(other_port(torch.from_numpy(tokens)).detach().numpy(), want, atol=1e-2)
+
+
+def test_separate_adds_up_each_sides_processes_and_names_a_failing_one(monkeypatch, capsys):
+    calls = []
+
+    class Done:
+        def __init__(self, cmd, seconds, rc=0):
+            self.returncode, self.stdout, self.stderr = rc, f"first loss: ...\ntimed {seconds} s\n", "boom" if rc else ""
+
+    def fake_run(cmd, capture_output, text):
+        calls.append(cmd)
+        side = cmd[cmd.index("--side") + 1]
+        return Done(cmd, 2.0 if side == "elmjax" else 1.0)
+
+    fake_torch = type("FakeTorch", (), {"get_num_threads": staticmethod(lambda: 2)})
+    monkeypatch.setattr(bt, "_torch", lambda: fake_torch)
+    monkeypatch.setattr(bt.subprocess, "run", fake_run)
+    assert bt.main(["--separate", "--rounds", "2", "--steps", "5", "--batch", "4", "--seq-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 4 and all("--separate" not in c and c[c.index("--rounds") + 1] == "1" and c.count("--rounds") == 1 for c in calls)
+    assert "ratio elmjax / PyTorch tokens/s: 0.500" in out  # 4 s of elmjax steps against 2 s of PyTorch's
+
+    monkeypatch.setattr(bt.subprocess, "run", lambda cmd, capture_output, text: Done(cmd, 1.0, rc=1))
+    assert bt.main(["--separate", "--rounds", "1"]) == 1
+    assert "failed" in capsys.readouterr().err
