@@ -80,10 +80,10 @@ def _check_flags(args) -> None:
                           "(a shorter timeout lets a second driver take the lock of a run that is still training)")
 
 
-def _is_sweep(sweep_dir: Path) -> bool:
-    """A marker, or a marker being written: another process of a multi-host sweep
-    may be in the middle of its atomic write (a '.grid.yaml.*.tmp' file) right now."""
-    return any((sweep_dir / f).exists() or any(sweep_dir.glob(f".{f}.*.tmp")) for f in SWEEP_MARKERS)
+def _is_sweep(names: list[str]) -> bool:
+    """Whether a directory holding ``names`` is a sweep: a marker, or a marker being written (another driver,
+    or another process of a multi-host sweep, may be in the middle of its atomic write right now)."""
+    return any(n == f or (n.startswith(f".{f}.") and n.endswith(".tmp")) for n in names for f in SWEEP_MARKERS)
 
 
 def _check_out(sweep_dir: Path, force: bool) -> None:
@@ -93,9 +93,12 @@ def _check_out(sweep_dir: Path, force: bool) -> None:
             if not parent.is_dir():
                 raise ConfigError(f"sweep directory {sweep_dir}: {parent} is a file, not a directory")
             break
-    if not sweep_dir.is_dir() or force or _is_sweep(sweep_dir):
+    if not sweep_dir.is_dir() or force:
         return
-    if any(sweep_dir.iterdir()):
+    # One listing, judged as a whole: checking a marker and then its temporary file one after the other
+    # missed both when a second driver's rename fell between the two checks.
+    names = [p.name for p in sweep_dir.iterdir()]
+    if names and not _is_sweep(names):
         raise ConfigError(f"sweep directory {sweep_dir}: an existing non-empty directory that is not a sweep (no {PLAN_FILE}); "
                           "choose another directory, or pass --force to write the sweep into it anyway")
 

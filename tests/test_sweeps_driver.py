@@ -328,6 +328,38 @@ def test_out_that_is_not_a_sweep_is_refused_without_writing_anything(tmp_path, c
     assert run.main([str(grid), "--out", str(busy), "--no-progress", "--no-report"]) == 0
 
 
+def test_a_marker_renamed_into_place_while_the_driver_looks_is_still_a_sweep(tmp_path, monkeypatch):
+    """Two drivers started together on a new directory: the second looked for grid.yaml (not there yet),
+    then the first renamed its temporary file onto grid.yaml, then the second looked for the temporary
+    file (gone) and refused the directory as not a sweep. The rename here lands between any two looks."""
+    out = tmp_path / "out"
+    out.mkdir()
+    tmp = out / ".grid.yaml.x1y2.tmp"
+    tmp.write_text("grid")
+    real_exists, real_iterdir = Path.exists, Path.iterdir
+
+    def rename_once():
+        if real_exists(tmp):
+            os.replace(tmp, out / "grid.yaml")
+
+    def exists(self, *a, **k):  # the writer's rename lands right after the driver looked for grid.yaml ...
+        seen = real_exists(self, *a, **k)
+        if self == out / "grid.yaml":
+            rename_once()
+        return seen
+
+    def iterdir(self):  # ... or right after it listed the directory
+        found = list(real_iterdir(self))
+        if self == out:
+            rename_once()
+        return iter(found)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    run._check_out(out, force=False)  # raised ConfigError before
+    assert real_exists(out / "grid.yaml")
+
+
 def test_a_sweep_whose_first_marker_is_still_being_written_is_not_refused(tmp_path, capsys, monkeypatch):
     """Process 1 of a multi-host sweep can look while process 0 is mid-way through
     the atomic write of grid.yaml: only its temporary file exists. That is a sweep
