@@ -58,13 +58,16 @@ def _backward(res, do_BKME):
     ds_BKMS = (p_BKMS.astype(f32) * (dp_BKMS - delta_BKM1)).astype(q_BKME.dtype)
     dq_BKME = jnp.einsum("bkms,bkse->bkme", ds_BKMS, k_BKSE)
     # dK and dV contract over the query rows. Written directly, XLA:CPU runs
-    # them as dots with a transposed operand on its slow generic path; an
-    # explicit transpose it cannot fold away (the barrier) keeps them on the
-    # fast one, and the two [S, G*L] copies cost less than that.
-    pT_BKSM, dsT_BKSM = jax.lax.optimization_barrier((jnp.swapaxes(p_BKMS, -1, -2), jnp.swapaxes(ds_BKMS, -1, -2)))
-    dk_BKSE = jnp.einsum("bksm,bkme->bkse", dsT_BKSM, q_BKME)
-    dv_BKSE = jnp.einsum("bksm,bkme->bkse", pT_BKSM, do_BKME)
-    return dq_BKME, dk_BKSE, dv_BKSE
+    # them as dots with a transposed operand on its slow generic path. As
+    # dK^T = q^T dS and dV^T = dO^T P they take the transposes of the narrow
+    # [M, E] operands instead (a quarter of the [M, S] ones at the tiny
+    # model's shapes), then transpose the small [E, S] results; the barriers
+    # keep XLA from folding any of these transposes back into the dots.
+    qT_BKEM, doT_BKEM = jax.lax.optimization_barrier((jnp.swapaxes(q_BKME, -1, -2), jnp.swapaxes(do_BKME, -1, -2)))
+    dkT_BKES = jnp.einsum("bkem,bkms->bkes", qT_BKEM, ds_BKMS)
+    dvT_BKES = jnp.einsum("bkem,bkms->bkes", doT_BKEM, p_BKMS)
+    dkT_BKES, dvT_BKES = jax.lax.optimization_barrier((dkT_BKES, dvT_BKES))
+    return dq_BKME, jnp.swapaxes(dkT_BKES, -1, -2), jnp.swapaxes(dvT_BKES, -1, -2)
 
 
 @jax.custom_vjp
