@@ -87,11 +87,13 @@ def pin_after_start() -> None:
     worker's cores (``ELMJAX_WORKER_CORES``).
 
     XLA:CPU sizes its thread pool from the cores it may use at start, and
-    the pool's size decides how some ops split their work, hence the last
+    the pool's size can decide how an op splits its work, hence the last
     bits. Pinned before the start (one thread), a worker's 400k-parameter
-    runs drift from one driver's by ~1e-7; pinned after, they match it
-    bit for bit while each worker still keeps to its own core. Threads
-    made later inherit the affinity of the (pinned) thread that makes them.
+    runs drifted from one driver's by ~1e-7 until the CPU attention's
+    backward stopped using dots with a transposed operand (2026-12-01);
+    pinned after, they match it bit for bit whatever the ops, while each
+    worker still keeps to its own core. Threads made later inherit the
+    affinity of the (pinned) thread that makes them.
     """
     cores = os.environ.get(CORES_ENV)
     if not cores:

@@ -34,8 +34,6 @@ def test_a_worker_runs_on_the_cpu_and_keeps_the_callers_xla_flags():
 _STEPS = """
 import hashlib, os, sys
 import numpy as np
-if sys.argv[1] == "before":
-    os.sched_setaffinity(0, {0})  # pinned before JAX starts: a one-thread XLA pool
 from sweeps import workers
 workers.pin_after_start()  # with ELMJAX_WORKER_CORES set (the "after" run)
 import jax
@@ -62,9 +60,11 @@ print(hashlib.sha1(b"".join(np.asarray(x).tobytes() for x in leaves)).hexdigest(
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell a pinned pool from a full one")
 def test_a_worker_pins_its_threads_after_jax_starts_so_it_trains_to_one_drivers_bits():
-    """60 steps of a 400k-parameter model: in a process free on every core, in a worker pinned after JAX
-    started (pin_after_start), and in one pinned before (a one-thread XLA pool, which splits some work
-    differently: the variant this guards against must really differ)."""
+    """60 steps of a 400k-parameter model: in a process free on every core, and in a worker pinned after JAX
+    started (pin_after_start). Until 2026-12-01 a process pinned before JAX started (a one-thread XLA pool)
+    trained this model to other bits, which the test showed; since the CPU attention's backward stopped
+    using dots with a transposed operand, the step's bits no longer depend on the pool's size for the
+    quickstart's models, but the worker still starts JAX on every core, in case an op splits work again."""
     def train(mode, cores=None):
         env = {**workers.worker_env(), "XLA_FLAGS": ""}  # one CPU device, as a sweep on a laptop
         env.pop(workers.CORES_ENV, None)
@@ -78,11 +78,9 @@ def test_a_worker_pins_its_threads_after_jax_starts_so_it_trains_to_one_drivers_
 
     free, free_cores = train("free")
     after, after_cores = train("after", cores="0")
-    before, _ = train("before")
     assert after_cores == "[[0]]", "every thread of the worker must end up on its core"
     assert free_cores != "[[0]]"
     assert after == free
-    assert before != free
 
 
 def test_workers_start_on_different_models_and_each_trains_its_models_seeds_in_a_row(tmp_path):
