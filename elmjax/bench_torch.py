@@ -147,15 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sides(torch, args) -> dict[str, float]:
+def _sides(torch, args, cfg, opt_cfg) -> dict[str, float]:
     """Seconds of each side's timed steps (``args.side`` only, when given), after checking that
     the first losses agree."""
     import jax
 
     from elmjax.bench import _compile
 
-    config = config_io.load(Config, args.config, [])
-    cfg, opt_cfg = (preset(args.preset) if args.preset else config.model), config.optimizer
     arm = _compile(cfg, ExecutionConfig(dtype="float32"), args.batch, args.seq_len)
     runs = {}
 
@@ -214,15 +212,21 @@ def main(argv=None) -> int:
         print("error: PyTorch is not installed; it is only needed for this comparison:\n"
               "  pip install torch --index-url https://download.pytorch.org/whl/cpu", file=sys.stderr)
         return 2
+    try:  # checked here, before any process compiles anything
+        config = config_io.load(Config, args.config, [])
+    except config_io.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     keep_scratch_in_heap()  # before JAX starts its CPU client, as elmjax.bench
     try:
         if args.separate:
             seconds, where = _separate(args), "each side in its own process"
         else:
-            seconds, where = _sides(torch, args), "in one process"
-    except (config_io.ConfigError, ValueError, RuntimeError) as e:
+            cfg = preset(args.preset) if args.preset else config.model
+            seconds, where = _sides(torch, args, cfg, config.optimizer), "in one process"
+    except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if not isinstance(e, config_io.ConfigError) else 2
+        return 1
     if args.side:
         print(f"timed {seconds[args.side]:.6f} s")
         return 0

@@ -57,3 +57,14 @@ def test_separate_adds_up_each_sides_processes_and_names_a_failing_one(monkeypat
     monkeypatch.setattr(bt.subprocess, "run", lambda cmd, capture_output, text: Done(cmd, 1.0, rc=1))
     assert bt.main(["--separate", "--rounds", "1"]) == 1
     assert "failed" in capsys.readouterr().err
+
+
+def test_a_bad_config_is_named_before_anything_is_compiled_or_spawned(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layerz: 2\n")
+    fake_torch = type("FakeTorch", (), {"get_num_threads": staticmethod(lambda: 2)})
+    monkeypatch.setattr(bt, "_torch", lambda: fake_torch)
+    monkeypatch.setattr(bt.subprocess, "run", lambda *a, **k: pytest.fail("spawned a side for a bad config"))
+    assert bt.main(["--config", str(bad), "--separate"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "num_layerz" in err
