@@ -1,4 +1,4 @@
-"""keep_scratch_in_heap: repeated executions stop page-faulting their scratch memory."""
+"""keep_scratch_in_heap: repeated executions stop page-faulting their scratch memory; compiles stay parallel."""
 
 import json
 import subprocess
@@ -50,3 +50,43 @@ def test_does_nothing_once_a_backend_exists():
 
     jax.devices()
     assert keep_scratch_in_heap() is False
+
+
+_ARENAS = r"""
+import ctypes, json, sys, tempfile
+from elmjax.cpu_heap import keep_scratch_in_heap
+if sys.argv[1] == "jax-first":
+    import jax
+applied = keep_scratch_in_heap()
+import jax, jax.numpy as jnp
+from jax._src import xla_bridge
+# A program big enough that XLA compiles its kernels on its worker threads.
+f = jax.jit(jax.grad(lambda ws, x: jnp.sum(jnp.tanh(jnp.tanh(x @ ws[0]) @ ws[1]) @ ws[2])))
+ws = [jnp.full((64, 96), 0.01), jnp.full((96, 80), 0.01), jnp.full((80, 48), 0.01)]
+g = f(ws, jnp.ones((32, 64)))
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as tmp:
+    fp = libc.fopen(tmp.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(fp))
+    libc.fclose(ctypes.c_void_p(fp))
+    heaps = open(tmp.name).read().count("<heap nr=")
+print(json.dumps({"applied": applied, "async": xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value, "heaps": heaps,
+                  "finite": bool(all(jnp.isfinite(x).all() for x in g))}))
+"""
+
+
+@pytest.mark.parametrize("order", ["jax-later", "jax-first"])
+def test_programs_run_on_the_calling_thread_and_compile_threads_keep_their_own_arenas(order):
+    out = subprocess.run([sys.executable, "-c", _ARENAS, order], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if not got["applied"]:
+        pytest.skip("not glibc, or an accelerator plugin is installed")
+    # The main thread allocates from glibc's main arena, the only one that holds the scratch of a big step without
+    # mmap: programs must run there (set whether jax was imported before or after the call)...
+    assert got["async"] is False, got
+    # ...while XLA's compile threads get arenas of their own rather than queueing for the main one's lock (with every
+    # thread forced into one arena, as until 2026-12-01, there was exactly one).
+    assert got["heaps"] > 1, got
+    assert got["finite"], got
