@@ -16,9 +16,9 @@ programs run on the thread that calls them (JAX's
 inline, its temporaries malloc'ed by the caller) rather than on a runtime
 worker thread. Until 2026-12-01 this module forced every thread into the main
 arena instead (``M_ARENA_MAX`` = 1); XLA compiles its kernels on several
-threads, which then queued for that arena's lock: the tiny train step
-compiled in 5.0 s against 3.4 s now on 2 cores, and ran no faster (22.9k
-tokens/s now against 21.3k). Programs over several devices (fake CPU devices
+threads, which then queued for that arena's lock (``python -m elmjax.bench``
+on the tiny model, 2 cores: compile 4.8-4.9 s then, 3.3-3.5 s now, and
+20.7-22.5k tokens/s then, 24.4-25.4k now; the README has the details). Programs over several devices (fake CPU devices
 in tests) still run on worker threads, whose scratch is ``mmap``ed as before.
 
 This is process-wide and must run before JAX starts its CPU client: it does
