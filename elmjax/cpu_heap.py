@@ -100,19 +100,24 @@ def _run_inline() -> None:
 
 
 class _AfterJaxImport(importlib.abc.MetaPathFinder):
-    """Finds ``jax`` as usual, and sets the dispatch flag once its package has run (then removes itself)."""
+    """Finds ``jax`` with the finders after it, and sets the dispatch flag once its package has run (then leaves
+    ``sys.meta_path``). A ``find_spec("jax")`` that imports nothing (a check whether jax is installed) changes
+    nothing: the next lookup is patched again."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "jax":
+        if fullname != "jax" or self not in sys.meta_path:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("jax")
-        if spec is None or spec.loader is None:
+        later = sys.meta_path[sys.meta_path.index(self) + 1:]
+        spec = next((s for f in later if hasattr(f, "find_spec") for s in [f.find_spec(fullname, path, target)]
+                     if s is not None), None)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_set(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             module.config.update(_INLINE_FLAG, False)
 
         spec.loader.exec_module = exec_then_set  # this spec's own loader instance

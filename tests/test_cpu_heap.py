@@ -58,6 +58,9 @@ from elmjax.cpu_heap import keep_scratch_in_heap
 if sys.argv[1] == "jax-first":
     import jax
 applied = keep_scratch_in_heap()
+if sys.argv[1] == "looked-up-first":  # a library checking whether jax is installed, before anything imports it
+    import importlib.util
+    assert importlib.util.find_spec("jax") is not None and "jax" not in sys.modules
 import jax, jax.numpy as jnp
 from jax._src import xla_bridge
 # A program big enough that XLA compiles its kernels on its worker threads.
@@ -76,7 +79,7 @@ print(json.dumps({"applied": applied, "async": xla_bridge._CPU_ENABLE_ASYNC_DISP
 """
 
 
-@pytest.mark.parametrize("order", ["jax-later", "jax-first"])
+@pytest.mark.parametrize("order", ["jax-later", "jax-first", "looked-up-first"])
 def test_programs_run_on_the_calling_thread_and_compile_threads_keep_their_own_arenas(order):
     out = subprocess.run([sys.executable, "-c", _ARENAS, order], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
