@@ -25,6 +25,7 @@ OpenELM's own). Per-matrix learning rates are the optimizer's business.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import NamedTuple
 
@@ -53,8 +54,18 @@ class KVCache(NamedTuple):
     v_BSKE: jax.Array
 
 
+# Where the initial values of the random parameters come from: None draws each
+# one here, from the next key of ``rngs``; ``elmjax.init_draws`` sets a source
+# that hands out the same values drawn in one batch (a smaller init program).
+PARAM_SOURCE: contextvars.ContextVar = contextvars.ContextVar("elmjax_param_source", default=None)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str | None, ...]) -> nnx.Param:
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    source = PARAM_SOURCE.get()
+    if source is None:
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    else:
+        value = source(shape, std)
     return nnx.Param(value, logical_axes=axes)
 
 

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from elmjax.config import Config, OptimizerConfig
+from elmjax.init_draws import drawn_in_batch
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
 from elmjax.mup import lr_multipliers
@@ -38,9 +39,15 @@ def abstract_model(cfg: ModelConfig, **execution):
 
 def init_params(cfg: ModelConfig, seed) -> dict:
     """Fresh parameters; ``seed`` is an int or an int32 scalar (traced under jit)."""
-    # nnx.Rngs turns an int into random.key(int) itself; a traced seed needs the key made here.
-    key = seed if isinstance(seed, int) else jax.random.key(seed)
-    return nnx.to_pure_dict(nnx.state(OpenELM(cfg, rngs=nnx.Rngs(key)), nnx.Param))
+    key = jax.random.key(seed)  # what nnx.Rngs(seed) makes of an int
+
+    def build():
+        return OpenELM(cfg, rngs=nnx.Rngs(key))
+
+    # The same values as drawing each parameter from its own key, in one batch (elmjax.init_draws).
+    with drawn_in_batch(build, key):
+        model = build()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def model_optimizer(model: ModelConfig, optimizer: OptimizerConfig, total_steps: int,
