@@ -18,8 +18,9 @@ worker thread. Until 2026-12-01 this module forced every thread into the main
 arena instead (``M_ARENA_MAX`` = 1); XLA compiles its kernels on several
 threads, which then queued for that arena's lock (``python -m elmjax.bench``
 on the tiny model, 2 cores: compile 4.8-4.9 s then, 3.3-3.5 s now, and
-20.7-22.5k tokens/s then, 24.4-25.4k now; the README has the details). Programs over several devices (fake CPU devices
-in tests) still run on worker threads, whose scratch is ``mmap``ed as before.
+20.7-22.5k tokens/s then, 24.4-25.4k now; the README has the details).
+Programs over several devices (fake CPU devices in tests) still run on
+worker threads, whose scratch is ``mmap``ed as before.
 
 This is process-wide and must run before JAX starts its CPU client: it does
 nothing off glibc, when a JAX accelerator plugin or libtpu is installed (the

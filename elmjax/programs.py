@@ -43,14 +43,17 @@ log = logging.getLogger(__name__)
 
 KEEP = 4  # programs of this many distinct shapes stay compiled (more while some are in flight or in use)
 
-# The init program is mostly threefry hashing, one unrolled hash per parameter:
-# on CPU, LLVM's full optimisation of it took longer than compiling the train
-# step (2.9 of about 5.5 s per tiny model) for a program that runs once per
-# run. LLVM's level 1 compiles it about 3x faster with the same bits: without
-# fast-math flags LLVM may not change float results at any level except by
-# contracting a*b+c into an FMA in instruction selection, which levels 1-3 do
-# alike (level 0 does not, and changes the bits). tests/test_programs.py
-# checks the bits against the default level.
+# The init program is mostly threefry hashing. Drawn per parameter (models over
+# ``elmjax.init_draws.BATCH_LIMIT``: one unrolled hash each), LLVM's full
+# optimisation of it took longer than compiling the train step (2.9 of about
+# 5.5 s per tiny model) for a program that runs once per run; the batched
+# program of smaller models compiles as fast at either level (~1.5 s for the
+# quickstart's, 2026-12-02). LLVM's level 1 compiles the per-parameter program
+# 2-3x faster with the same bits: without fast-math flags LLVM may not change
+# float results at any level except by contracting a*b+c into an FMA in
+# instruction selection, which levels 1-3 do alike (level 0 does not, and
+# changes the bits). tests/test_programs.py checks the bits against the
+# default level.
 CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
