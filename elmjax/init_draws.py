@@ -37,6 +37,7 @@ import numpy as np
 from elmjax import model as model_lib
 
 BATCH_LIMIT = 1 << 25  # parameters drawn in one batch at most (32M: ~0.5 GB of float32/uint32 temporaries)
+HOST_CHUNK = 1 << 20  # elements per call of host_draws' program
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,6 @@ def usable(plan: list[Draw], key) -> bool:
 
 def batched_draws(key, plan: list[Draw]) -> list[jax.Array]:
     """``[std * normal(fold_in(key, i), shape) for i, (shape, std) in enumerate(plan)]``, bit for bit."""
-    from jax._src.random.threefry2x32 import threefry2x32_p  # the primitive jax.random.bits hashes with
-
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(plan), dtype=jnp.uint32))
     words = jax.random.key_data(keys)  # [draws, 2] uint32
     sizes = [int(np.prod(d.shape)) for d in plan]
@@ -79,8 +78,48 @@ def batched_draws(key, plan: list[Draw]) -> list[jax.Array]:
     k2 = jnp.concatenate([jnp.broadcast_to(words[i, 1], (n,)) for i, n in enumerate(sizes)])
     # Each element's flat index in its own parameter, as a 64-bit count split in two words (all below 2**32 here).
     lo = jnp.concatenate([jax.lax.iota(jnp.uint32, n) for n in sizes])
-    hi = jnp.zeros_like(lo)
-    b1, b2 = threefry2x32_p.bind(k1, k2, hi, lo)
+    e = _erf_inv_normals(k1, k2, lo)
+    out, start = [], 0
+    for d, n in zip(plan, sizes):
+        out.append(e[start:start + n].reshape(d.shape) * _scale(d))
+        start += n
+    return out
+
+
+def host_draws(key, plan: list[Draw]) -> list[np.ndarray]:
+    """``batched_draws`` with the same bits, assembled on the host: the only programs are the key derivation
+    and a hash-and-transform over ``HOST_CHUNK`` elements, neither shaped by the model, so any model of any
+    size reuses them (and the persistent cache keeps them across processes). The per-parameter slices and
+    scales are numpy's float32 products, the same IEEE roundings as XLA's."""
+    sizes = np.array([int(np.prod(d.shape)) for d in plan], np.int64)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    total = int(ends[-1])
+    # Key words of every draw; the index padded to a multiple of 64 so models share the program.
+    index = np.arange(-(-len(plan) // 64) * 64, dtype=np.uint32)
+    words = np.asarray(_draw_key_words(key, index))[: len(plan)]
+    e = np.empty(total, np.float32)
+    for a in range(0, total, HOST_CHUNK):
+        flat = np.arange(a, a + HOST_CHUNK, dtype=np.int64)
+        draw = np.minimum(np.searchsorted(ends, flat, side="right"), len(plan) - 1)  # the tail past total: any
+        lo = (flat - starts[draw]).astype(np.uint32)
+        chunk = _erf_inv_chunk(words[draw, 0], words[draw, 1], lo)
+        e[a : a + HOST_CHUNK] = np.asarray(chunk)[: min(HOST_CHUNK, total - a)]
+    return [e[s : s + n].reshape(d.shape) * _scale(d) for d, s, n in zip(plan, starts, sizes)]
+
+
+def _scale(d: Draw) -> np.float32:
+    """``normal``'s sqrt(2) times the caller's std, folded as XLA folds them (see the module docstring)."""
+    f32 = np.float32
+    return f32(f32(np.sqrt(2)) * f32(d.std))
+
+
+def _erf_inv_normals(k1, k2, lo):
+    """``erf_inv(u)`` for uniform ``u`` from each element's threefry bits: ``jax.random.normal`` before its
+    sqrt(2) (``_scale``). Keys (k1, k2) and the flat index ``lo`` per element, all uint32."""
+    from jax._src.random.threefry2x32 import threefry2x32_p  # the primitive jax.random.bits hashes with
+
+    b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(lo), lo)  # the index's high word: 0 (below 2**32)
     bits = b1 ^ b2
     # jax.random.uniform(lo=nextafter(-1, 0), hi=1) from 23 mantissa bits, then erf_inv: jax.random.normal's steps.
     f32 = np.float32
@@ -89,13 +128,16 @@ def batched_draws(key, plan: list[Draw]) -> list[jax.Array]:
     one_bits = jnp.asarray(np.array(1.0, f32).view(np.uint32), dtype=jnp.uint32)
     floats = jax.lax.bitcast_convert_type(jax.lax.bitwise_or(mantissa, one_bits), jnp.float32) - jnp.array(1.0, f32)
     u = jax.lax.max(low, floats * (high - low) + low)
-    e = jax.lax.erf_inv(u)
-    out, start = [], 0
-    for d, n in zip(plan, sizes):
-        scale = f32(f32(np.sqrt(2)) * f32(d.std))
-        out.append(e[start:start + n].reshape(d.shape) * scale)
-        start += n
-    return out
+    return jax.lax.erf_inv(u)
+
+
+_erf_inv_chunk = jax.jit(_erf_inv_normals)
+
+
+@jax.jit
+def _draw_key_words(key, index):
+    """[n] uint32 -> [n, 2] uint32: the key data of ``fold_in(key, i)`` for each i."""
+    return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(index))
 
 
 @contextlib.contextmanager
@@ -105,10 +147,18 @@ def drawn_in_batch(build, key):
     if not usable(plan, key):
         yield
         return
-    values = iter(zip(plan, batched_draws(key, plan)))
+    with drawing(plan, batched_draws(key, plan)):
+        yield
+
+
+@contextlib.contextmanager
+def drawing(plan: list[Draw], values: list) -> None:
+    """Within the block, the model's random parameters are ``values`` (drawn for ``plan``), in order; a model
+    drawing other shapes or scales than planned, or more or fewer of them, is an error."""
+    pairs = iter(zip(plan, values))
 
     def take(shape, std):
-        d, value = next(values, (None, None))
+        d, value = next(pairs, (None, None))
         if d is None:
             raise RuntimeError("the model drew more random parameters than its plan")
         if d.shape != tuple(shape) or d.std != float(std):
@@ -120,5 +170,5 @@ def drawn_in_batch(build, key):
         yield
     finally:
         model_lib.PARAM_SOURCE.reset(token)
-    if next(values, None) is not None:
+    if next(pairs, None) is not None:
         raise RuntimeError("the model drew fewer random parameters than its plan")

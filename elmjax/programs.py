@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmjax.config import Config
+from elmjax.host_state import host_creator
 from elmjax.sharding import batch_divisor, batch_sharding, replicated
 from elmjax.state import StateLayout, abstract_model, state_layout
 from elmjax.train_program import abstract_batch, jit_train_step
@@ -43,23 +44,22 @@ log = logging.getLogger(__name__)
 
 KEEP = 4  # programs of this many distinct shapes stay compiled (more while some are in flight or in use)
 
-# The init program is mostly threefry hashing. Drawn per parameter (models over
-# ``elmjax.init_draws.BATCH_LIMIT``: one unrolled hash each), LLVM's full
-# optimisation of it took longer than compiling the train step (2.9 of about
-# 5.5 s per tiny model) for a program that runs once per run; the batched
-# program of smaller models compiles as fast at either level (~1.5 s for the
-# quickstart's, 2026-12-02). LLVM's level 1 compiles the per-parameter program
-# 2-3x faster with the same bits: without fast-math flags LLVM may not change
-# float results at any level except by contracting a*b+c into an FMA in
-# instruction selection, which levels 1-3 do alike (level 0 does not, and
-# changes the bits). tests/test_programs.py checks the bits against the
-# default level.
+# The compiled init program serves only states ``elmjax.host_state`` cannot
+# assemble on the host (models over ``elmjax.init_draws.BATCH_LIMIT``, other
+# keys, optimizer state that is not all zeros). Drawn per parameter there (one
+# unrolled threefry hash each), LLVM's full optimisation of it took longer than
+# compiling the train step (2.9 of about 5.5 s per tiny model) for a program
+# that runs once per run. LLVM's level 1 compiles it 2-3x faster with the same
+# bits: without fast-math flags LLVM may not change float results at any level
+# except by contracting a*b+c into an FMA in instruction selection, which
+# levels 1-3 do alike (level 0 does not, and changes the bits).
+# tests/test_programs.py checks the bits against the default level.
 CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 @dataclass(frozen=True)
 class Programs:
-    create: object  # (seed: int32 scalar) -> TrainState, placed with the layout's shardings
+    create: object  # (seed: int32 scalar) -> TrainState, placed with the layout's shardings (host-built or compiled)
     train_step: object  # (state, batch [B, L+1]) -> (state, metrics); the state is donated
     eval_step: object  # (params, rows [eval_chunk, L+1], row weights [eval_chunk]) -> sums
     eval_chunk: int  # validation rows per eval_step call
@@ -184,7 +184,8 @@ def _evict() -> None:
 
 def _compile(config: Config, mesh, layout: StateLayout) -> Programs:
     return Programs(
-        create=_compile_create(mesh, layout),
+        # Assembled on the host where it can be (elmjax.host_state): the same bits, no init program to compile.
+        create=host_creator(config.model, layout) or _compile_create(mesh, layout),
         # The same program preflight compiles.
         train_step=jit_train_step(config, mesh, layout).lower(layout.target, abstract_batch(config, mesh)).compile(),
         eval_step=_compile_eval_step(config, mesh, layout),

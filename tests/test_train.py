@@ -220,7 +220,8 @@ def test_persistent_compilation_cache_is_reused(tmp_path):
     assert "Persistent compilation cache hit for 'jit_train_step'" in second
     compiled = set(re.findall(r"Finished XLA compilation of jit\((\w+)\)", second))
     hits = set(re.findall(r"Persistent compilation cache hit for 'jit_(\w+)'", second))
-    assert {"create", "train_step", "eval_step"} <= compiled
+    # The init state is assembled on the host (elmjax.host_state) from two model-independent draw programs.
+    assert {"_draw_key_words", "_erf_inv_normals", "train_step", "eval_step"} <= compiled
     assert compiled - hits == set(), "compiled afresh for another seed (a seed-dependent constant in the program?)"
 
 
