@@ -51,18 +51,25 @@ def program_group(run) -> str:
 def worker_order(runs: list, index: int, count: int) -> list:
     """Worker ``index`` of ``count``: its own groups of same-program runs first, then everyone else's.
 
-    Groups (:func:`program_group`) in plan order are dealt out round robin,
-    so each worker compiles its models once and trains all their seeds with
-    the programs in memory, while the workers start on different models.
-    The other groups follow, so a worker that runs out of its own work
-    takes over what nobody holds yet (the locks decide who trains what).
+    Groups (:func:`program_group`) in plan order are dealt out in a snake
+    (0, 1, ..., count-1, count-1, ..., 0, 0, 1, ...), so each worker compiles
+    its models once and trains all their seeds with the programs in memory,
+    while the workers start on different models. Round robin would give one
+    worker every group at even positions: in a grid whose arms alternate
+    (layer-wise, uniform, layer-wise, ...) that is every layer-wise model,
+    whose programs take about twice as long to compile (in the quickstart
+    the other worker ran out of work first, took one layer-wise run, and the
+    sweep ended with one worker idle for ~10 s; dealt in a snake, ~1.5 s).
+    The other groups follow, so a worker that runs out of its own work takes
+    over what nobody holds yet (the locks decide who trains what).
     """
     groups: dict[str, list] = {}
     for run in runs:
         groups.setdefault(program_group(run), []).append(run)
     ordered = list(groups.values())
-    mine = ordered[index::count]
-    rest = [g for i, g in enumerate(ordered) if i % count != index]
+    owner = [i % count if (i // count) % 2 == 0 else count - 1 - i % count for i in range(len(ordered))]
+    mine = [g for g, w in zip(ordered, owner) if w == index]
+    rest = [g for g, w in zip(ordered, owner) if w != index]
     return [run for g in mine + rest for run in g]
 
 

@@ -84,7 +84,7 @@ def test_a_worker_pins_its_threads_after_jax_starts_so_it_trains_to_one_drivers_
 
 
 def test_workers_start_on_different_models_and_each_trains_its_models_seeds_in_a_row(tmp_path):
-    """Runs of one model (all its seeds) form a group; groups are dealt round robin, the rest follow."""
+    """Runs of one model (all its seeds) form a group; groups are dealt out (a snake), the rest follow."""
     runs = _located(tmp_path)  # plan order: openelm s0, uniform s0, openelm s1, uniform s1
     names = [r.name for r in runs]
     first = [r.name for r in workers.worker_order(runs, 0, 2)]
@@ -93,6 +93,36 @@ def test_workers_start_on_different_models_and_each_trains_its_models_seeds_in_a
     assert first == openelm + uniform and second == uniform + openelm
     assert sorted(first) == sorted(names) and workers.worker_order(runs, 0, 1) == [*
         [r for r in runs if r.name.startswith("openelm")], *[r for r in runs if r.name.startswith("uniform")]]
+
+
+def test_groups_are_dealt_in_a_snake_so_alternating_arms_do_not_all_land_on_one_worker(monkeypatch):
+    """Plan order alternates the arms (layer-wise, uniform) over three budgets: dealt round robin, worker 0
+    would get all three layer-wise models (the slow ones to compile); in a snake each worker gets both arms."""
+    from types import SimpleNamespace
+
+    names = [f"{arm}-{budget}-s{seed}" for budget in ("150k", "250k", "400k") for seed in (0, 1)
+             for arm in ("openelm", "uniform")]
+    runs = [SimpleNamespace(name=n) for n in names]
+    monkeypatch.setattr(workers, "program_group", lambda run: run.name.rsplit("-", 1)[0])
+
+    def groups(index, count):
+        return list(dict.fromkeys(r.name.rsplit("-", 1)[0] for r in workers.worker_order(runs, index, count)))
+
+    # Own groups first (0: groups 0, 3, 4 of the plan; 1: groups 1, 2, 5), then the others in plan order.
+    assert groups(0, 2) == ["openelm-150k", "uniform-250k", "openelm-400k", "uniform-150k", "openelm-250k",
+                            "uniform-400k"]
+    assert groups(1, 2) == ["uniform-150k", "openelm-250k", "uniform-400k", "openelm-150k", "uniform-250k",
+                            "openelm-400k"]
+    assert groups(3, 4)[:2] == ["uniform-250k", "openelm-400k"]  # 4 workers: owners 0, 1, 2, 3, 3, 2
+    assert groups(2, 4)[:2] == ["openelm-250k", "uniform-400k"]
+    for count in (1, 2, 3, 4, 7):
+        orders = [[r.name for r in workers.worker_order(runs, i, count)] for i in range(count)]
+        assert all(sorted(o) == sorted(names) for o in orders)  # every worker can still take every run
+        firsts = [o[0] for o in orders[: min(count, 6)]]
+        assert len(set(firsts)) == len(firsts)  # and the workers start on different models
+        for o in orders:  # a model's seeds stay together
+            groups = [n.rsplit("-", 1)[0] for n in o]
+            assert all(groups[i] == groups[i + 1] for i in range(0, len(groups), 2))
 
 
 def test_workers_get_disjoint_cores_and_share_them_round_robin_when_there_are_more_workers():
