@@ -109,3 +109,29 @@ def test_programs_run_on_the_calling_thread_and_compile_threads_keep_their_own_a
     # thread forced into one arena, as until 2026-12-01, there was exactly one).
     assert got["heaps"] > 1, got
     assert got["finite"], got
+
+
+_TRIM = """
+import ctypes, ctypes.util
+from elmjax.cpu_heap import keep_scratch_in_heap
+assert keep_scratch_in_heap()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+before = libc.sbrk(0)
+block = libc.malloc(2300 << 20)  # from the heap (no mmap); brk only reserves it, no page is touched
+grown = libc.sbrk(0) - before
+libc.free(block)
+print(grown >> 20, (libc.sbrk(0) - before) >> 20)
+"""
+
+
+def test_a_freed_block_over_2_gib_stays_in_the_heap():
+    """OpenELM-270M's step frees 2.1 GiB of scratch; trimming it (the old 2**31 - 1 threshold did, above
+    2 GiB) made every step page-fault it back in."""
+    out = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, kept = map(int, out.stdout.split())
+    assert grown >= 2200  # the block did come from the heap (less what the heap top already held)
+    assert kept == grown, f"the heap was trimmed from {grown} to {kept} MiB after the free"
+
