@@ -5,8 +5,10 @@ process. The persistent compilation cache saves those runs the XLA compile,
 but each still traces and lowers every program again (seconds for a tiny
 model on a busy CPU). The executables compiled here are kept, keyed by
 everything the programs depend on, so the next run of the same shapes reuses
-them. The seed is an argument of the init program, not a constant in it, so
-one program serves every seed. Only the latest few are kept: an executable
+them. The fresh state is assembled on the host where it can be
+(``elmjax.host_state``: no init program); otherwise the seed is an argument
+of the init program, not a constant in it, so one program serves every
+seed. Only the latest few are kept: an executable
 holds code, not buffers, but a ladder of large models should not pile them up.
 
 ``compile_ahead`` compiles the programs of a later run on one background
@@ -46,10 +48,10 @@ KEEP = 4  # programs of this many distinct shapes stay compiled (more while some
 
 # The compiled init program serves only states ``elmjax.host_state`` cannot
 # assemble on the host (models over ``elmjax.init_draws.BATCH_LIMIT``, other
-# keys, optimizer state that is not all zeros). Drawn per parameter there (one
-# unrolled threefry hash each), LLVM's full optimisation of it took longer than
-# compiling the train step (2.9 of about 5.5 s per tiny model) for a program
-# that runs once per run. LLVM's level 1 compiles it 2-3x faster with the same
+# keys, optimizer state that is not all zeros). Drawn per parameter (over the
+# limit, or other keys: one unrolled threefry hash each), LLVM's full
+# optimisation of it took longer than compiling the train step (2.9 of about
+# 5.5 s per tiny model) for a program that runs once per run. LLVM's level 1 compiles it 2-3x faster with the same
 # bits: without fast-math flags LLVM may not change float results at any level
 # except by contracting a*b+c into an FMA in instruction selection, which
 # levels 1-3 do alike (level 0 does not, and changes the bits).
