@@ -15,10 +15,10 @@ of the train step's compile. Here the same state is put together on the host:
   optimizer's ``init`` shows that every value it makes is a constant zero
   (``zero_shapes``); any other optimizer keeps the compiled init program.
 
-Then each leaf is placed with its layout sharding. Used where
-``init_draws.usable`` holds (threefry keys, models up to ``BATCH_LIMIT``
-parameters); tests/test_host_state.py checks every bit against the compiled
-init program.
+Then each leaf is placed with its layout sharding (``sharding.global_array``,
+as evaluation places its rows). Used where ``init_draws.usable`` holds
+(threefry keys, models up to ``BATCH_LIMIT`` parameters);
+tests/test_host_state.py checks every bit against the compiled init program.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from flax import nnx
 from elmjax import init_draws
 from elmjax.model import OpenELM
 from elmjax.model_config import ModelConfig
+from elmjax.sharding import global_array
 from elmjax.state import StateLayout, TrainState
 
 _ZERO_PRESERVING = {"broadcast_in_dim", "convert_element_type", "reshape", "copy"}
@@ -56,7 +57,7 @@ def host_creator(model: ModelConfig, layout: StateLayout) -> Callable[[int], Tra
         params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(built, nnx.Param)))
         # Made per call (numpy's zeros cost nothing until touched), so kept programs hold no state-sized arrays.
         step, opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), rest)
-        return place(TrainState(step, params, opt_state), layout.shardings)
+        return jax.tree.map(global_array, TrainState(step, params, opt_state), layout.shardings)
 
     return create
 
@@ -90,10 +91,3 @@ def _all_plus_zero(value) -> bool:
     if a.dtype.kind not in "biuf":
         return False
     return bool(np.all(a == 0) and not np.any(np.signbit(a)))
-
-
-def place(tree, shardings):
-    """Host arrays onto devices, leaf for leaf with ``shardings`` (each process supplies the same values)."""
-    return jax.tree.map(
-        lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda index: np.asarray(x)[index]),
-        tree, shardings)

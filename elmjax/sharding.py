@@ -201,6 +201,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def global_array(array: np.ndarray, sharding) -> jax.Array:
+    """A global array from data every process holds in full."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
 def batch_divisor(mesh: Mesh) -> int:
     """Rows of a global batch must be a multiple of this (the batch's mesh axes)."""
     return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])

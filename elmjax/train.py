@@ -39,7 +39,8 @@ from elmjax.hardware import mfu
 from elmjax.layout import param_counts, train_flops_per_token
 from elmjax.programs import compiled_programs
 from elmjax.run_times import RunTimes
-from elmjax.sharding import batch_divisor, batch_sharding, divisibility_report, format_divisibility, make_mesh
+from elmjax.sharding import (batch_divisor, batch_sharding, divisibility_report, format_divisibility, global_array,
+                             make_mesh)
 from elmjax.state import TrainState, state_layout
 from elmjax.train_program import check_batch
 
@@ -230,8 +231,8 @@ def evaluate(session: _Session, params, held=None, prefix: str = "val") -> dict:
     rows = np.concatenate([rows, np.zeros((pad, *rows.shape[1:]), rows.dtype)])
     sums = {"nll": 0.0, "correct": 0.0, "count": 0.0}
     for i in range(0, len(rows), chunk):
-        batch = _global(rows[i : i + chunk], session.batch_sharding)
-        w = _global(weights[i : i + chunk], batch_sharding(session.mesh, 1))
+        batch = global_array(rows[i : i + chunk], session.batch_sharding)
+        w = global_array(weights[i : i + chunk], batch_sharding(session.mesh, 1))
         out = jax.device_get(session.eval_step(params, batch, w))
         for k in sums:
             sums[k] += float(out[k])
@@ -255,11 +256,6 @@ def held_out_final(session: _Session, params) -> dict:
     if test is not None:
         out.update(evaluate(session, params, test, "test"), test_fingerprint=batch_fingerprint(test.tokens))
     return out
-
-
-def _global(array: np.ndarray, sharding) -> jax.Array:
-    """A global array from data every process holds in full."""
-    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
 def _train(config: Config, path: Path, stop, progress_callback, times: RunTimes) -> RunResult:
