@@ -71,8 +71,7 @@ def usable(plan: list[Draw], key) -> bool:
 
 def batched_draws(key, plan: list[Draw]) -> list[jax.Array]:
     """``[std * normal(fold_in(key, i), shape) for i, (shape, std) in enumerate(plan)]``, bit for bit."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(plan), dtype=jnp.uint32))
-    words = jax.random.key_data(keys)  # [draws, 2] uint32
+    words = _draw_key_words(key, jnp.arange(len(plan), dtype=jnp.uint32))  # [draws, 2] uint32
     sizes = [int(np.prod(d.shape)) for d in plan]
     k1 = jnp.concatenate([jnp.broadcast_to(words[i, 0], (n,)) for i, n in enumerate(sizes)])
     k2 = jnp.concatenate([jnp.broadcast_to(words[i, 1], (n,)) for i, n in enumerate(sizes)])
