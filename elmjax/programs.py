@@ -51,11 +51,12 @@ KEEP = 4  # programs of this many distinct shapes stay compiled (more while some
 # keys, optimizer state that is not all zeros). Drawn per parameter (over the
 # limit, or other keys: one unrolled threefry hash each), LLVM's full
 # optimisation of it took longer than compiling the train step (2.9 of about
-# 5.5 s per tiny model) for a program that runs once per run. LLVM's level 1 compiles it 2-3x faster with the same
-# bits: without fast-math flags LLVM may not change float results at any level
-# except by contracting a*b+c into an FMA in instruction selection, which
-# levels 1-3 do alike (level 0 does not, and changes the bits).
-# tests/test_programs.py checks the bits against the default level.
+# 5.5 s per tiny model) for a program that runs once per run. LLVM's level 1
+# compiles it 2-3x faster with the same bits: without fast-math flags LLVM may
+# not change float results at any level except by contracting a*b+c into an
+# FMA in instruction selection, which levels 1-3 do alike (level 0 does not,
+# and changes the bits). tests/test_programs.py checks the bits against the
+# default level.
 CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
