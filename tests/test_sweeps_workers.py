@@ -121,8 +121,8 @@ def test_groups_are_dealt_in_a_snake_so_alternating_arms_do_not_all_land_on_one_
         firsts = [o[0] for o in orders[: min(count, 6)]]
         assert len(set(firsts)) == len(firsts)  # and the workers start on different models
         for o in orders:  # a model's seeds stay together
-            groups = [n.rsplit("-", 1)[0] for n in o]
-            assert all(groups[i] == groups[i + 1] for i in range(0, len(groups), 2))
+            models = [n.rsplit("-", 1)[0] for n in o]
+            assert all(models[i] == models[i + 1] for i in range(0, len(models), 2))
 
 
 def test_workers_get_disjoint_cores_and_share_them_round_robin_when_there_are_more_workers():
